@@ -1,0 +1,121 @@
+"""Load a Fathom config: YAML files merged in order over the typed schema, then dotted overrides.
+
+    cfg = load_config(["configs/methods/shaped.yaml"], ["model.n_layers=8"])
+    cfg.model.n_layers  # 8
+
+Every problem (missing file, unknown key, wrong type, value out of range, impossible combination)
+raises ConfigError with one line that names the key and what is allowed.
+"""
+
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from configs.schema import FathomConfig, ModelConfig
+
+__all__ = ["ConfigError", "FathomConfig", "ModelConfig", "load_config", "schema_fields", "to_yaml", "exit_on_error"]
+
+
+class ConfigError(ValueError):
+    """A bad config value, named by key, with what is allowed."""
+
+
+def schema_fields(cls=FathomConfig, prefix=""):
+    """Yield (dotted key, dataclass field) for every leaf of the schema, in declaration order."""
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(f.type):
+            yield from schema_fields(f.type, key + ".")
+        else:
+            yield key, f
+
+
+def _unknown_key(key):
+    keys = [k for k, _ in schema_fields()]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see the key table in README.md"
+    return ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def _merge(base, other, source):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = e.full_key or "?"
+        if type(e).__name__ == "ConfigKeyError":
+            raise _unknown_key(key) from None
+        leaf = dict(schema_fields()).get(key)
+        expected = getattr(leaf.type, "__name__", leaf.type) if leaf else "another type"
+        got = OmegaConf.select(other, key, throw_on_missing=False)
+        raise ConfigError(f"{key}={got!r} ({source}) is not allowed: it must be of type {expected}") from None
+
+
+def _parse_override(item):
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"bad override {item!r}: write key=value, e.g. model.n_layers=48")
+    key, value = item.split("=", 1)
+    if key not in dict(schema_fields()):
+        raise _unknown_key(key)
+    return key, value
+
+
+def _check(cfg):
+    """Per-key choices and ranges from the schema, then rules that involve several keys."""
+    for key, f in schema_fields():
+        value = OmegaConf.select(cfg, key)
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(choices)}")
+        check = f.metadata.get("check")
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{key}={value!r} is not allowed: it must be {check[1]}")
+    m, t = cfg.model, cfg.train
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+            f"choose n_heads among {[h for h in range(1, m.d_model + 1) if m.d_model % h == 0]}"
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+                          "lower train.seq_len or raise model.max_seq_len")
+    if m.spectral.lambda_min > m.spectral.lambda_max:
+        raise ConfigError(f"model.spectral.lambda_min={m.spectral.lambda_min} exceeds "
+                          f"model.spectral.lambda_max={m.spectral.lambda_max}")
+
+
+def load_config(paths=(), overrides=()):
+    """Typed defaults ← each YAML file in order ← each `key=value` override; validated."""
+    cfg = OmegaConf.structured(FathomConfig)
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file, e.g. configs/methods/shaped.yaml")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # a YAML syntax error: name the file, keep the parser's first line
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, type(cfg)):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping such as 'model: {{n_layers: 48}}'")
+        cfg = _merge(cfg, loaded, path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), "command line")
+    _check(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg):
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def exit_on_error(fn, *args, **kwargs):
+    """Run fn; turn a ConfigError into one line on stderr and exit code 2 (for command-line tools)."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,131 @@
+"""The one schema of Fathom's configuration: keys, types, defaults, allowed values and help.
+
+Everything that reads a config (train.py, model.probe, the tests, the README table) goes through
+these dataclasses. This module imports no torch, so a bad config fails in a fraction of a second.
+Each field's metadata may hold `help`, `choices` and `check` (a predicate plus the text naming
+what is allowed); `configs.load` turns a violation into one line naming the key.
+"""
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help, choices=None, check=None):
+    """A config field: its default, its help line and what values it allows."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if check is not None:
+        meta["check"] = check
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def sub(cls, help):
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+positive = (lambda v: v > 0, "a number > 0")
+non_negative = (lambda v: v >= 0, "a number >= 0")
+unit_interval = (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+@dataclass
+class SurgeryConfig:
+    site: str = opt(
+        "none",
+        "similarity surgery S(X) = X - tau * cummean(X) (Yu & Zhang): where it is applied",
+        choices=("none", "attn_out", "residual", "block"),
+    )
+    tau: float = opt(0.5, "fraction of the causal token mean that surgery removes", check=unit_interval)
+
+
+@dataclass
+class SpectralConfig:
+    mode: str = opt(
+        "sharpen",
+        "eigenvalues of W_V W_O (Dovonon et al.): sharpen = [-max,-min], smooth = [min,max], free = psi",
+        choices=("sharpen", "smooth", "free"),
+    )
+    lambda_min: float = opt(0.0, "smallest |eigenvalue| of W_V W_O", check=non_negative)
+    lambda_max: float = opt(1.0, "largest |eigenvalue| of W_V W_O", check=positive)
+    init_lambda: float = opt(0.5, "|eigenvalue| of W_V W_O at init", check=positive)
+
+
+@dataclass
+class ShapedConfig:
+    tau0: float = opt(1.0, "attention temperature tau = tau0 * sqrt(d_model * d_head) (Noci et al.)", check=positive)
+    branch_gain: float = opt(1.0, "gain on the attention branch before the residual add", check=positive)
+    mlp_gain: float = opt(0.42, "MLP branch gain = mlp_gain / sqrt(n_layers) (0.1 at 18 layers)", check=positive)
+    trainable_gains: bool = opt(True, "train the per-head alpha, beta, gamma of shaped attention")
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = opt(32, "number of Transformer blocks", check=positive)
+    d_model: int = opt(64, "width of the residual stream", check=positive)
+    n_heads: int = opt(4, "attention heads; d_model must be divisible by it", check=positive)
+    vocab_size: int = opt(8192, "vocabulary size (train.py sets it from the data's tokenizer)", check=positive)
+    max_seq_len: int = opt(256, "positions of the learned position embedding", check=positive)
+    mlp_ratio: int = opt(4, "MLP hidden width / d_model", check=positive)
+    norm: str = opt(
+        "post",
+        "residual/norm scheme: post = LN(x + f(x)), pre = x + f(LN(x)), deepnorm = LN(alpha x + f(x))",
+        choices=("post", "pre", "deepnorm"),
+    )
+    attention: str = opt(
+        "softmax",
+        "attention variant: softmax, gapfree = A - C (Naderi et al.), shaped = alpha I + beta A - gamma C (Noci et al.)",
+        choices=("softmax", "gapfree", "shaped"),
+    )
+    weights: str = opt(
+        "standard",
+        "parameterization of W_V, W_O: standard, or spectral = U diag(lambda) U^T (Dovonon et al.)",
+        choices=("standard", "spectral"),
+    )
+    init: str = opt(
+        "gpt2",
+        "weight init: gpt2 (std 0.02, residual projections 0.02/sqrt(2L)), fanin (std 1/sqrt(fan_in)), xavier",
+        choices=("gpt2", "fanin", "xavier"),
+    )
+    surgery: SurgeryConfig = sub(SurgeryConfig, "similarity surgery options")
+    spectral: SpectralConfig = sub(SpectralConfig, "spectral parameterization options")
+    shaped: ShapedConfig = sub(ShapedConfig, "shaped attention options")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(600, "optimizer steps; the LR schedule ends here", check=positive)
+    seq_len: int = opt(128, "tokens per training sequence (<= model.max_seq_len)", check=positive)
+    micro_batch_size: int = opt(16, "sequences per rank per micro-step", check=positive)
+    grad_accum: int = opt(1, "micro-steps per optimizer step", check=positive)
+    lr: float = opt(2e-3, "peak learning rate of AdamW", check=positive)
+    min_lr_ratio: float = opt(0.1, "final LR of the cosine decay as a fraction of train.lr", check=unit_interval)
+    warmup_steps: int = opt(60, "linear warmup steps", check=non_negative)
+    weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, gains, biases)", check=non_negative)
+    beta1: float = opt(0.9, "AdamW beta1", check=unit_interval)
+    beta2: float = opt(0.98, "AdamW beta2", check=unit_interval)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", check=non_negative)
+    seed: int = opt(1337, "seed of the weights and of the data order", check=non_negative)
+    log_every: int = opt(10, "steps between metrics.jsonl lines", check=positive)
+    eval_every: int = opt(200, "steps between validation passes (and one at the end)", check=positive)
+    eval_batches: int = opt(8, "micro-batches per validation pass", check=positive)
+    out_dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, tensorboard/")
+    precision: str = opt(
+        "auto", "auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16", "fp16")
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "directory written by `python -m data.prepare`; empty = the built-in stdlib corpus")
+    cache_dir: str = opt("~/.cache/fathom", "where the built-in corpus is prepared once and reused")
+    vocab_size: int = opt(8192, "BPE vocabulary trained for the built-in corpus", check=(lambda v: v >= 260, "an integer >= 260"))
+
+
+@dataclass
+class FathomConfig:
+    model: ModelConfig = sub(ModelConfig, "the Transformer")
+    train: TrainConfig = sub(TrainConfig, "the training run")
+    data: DataConfig = sub(DataConfig, "the training data")

@@ -1,0 +1,48 @@
+"""Process-group set-up shared by every way of starting train.py.
+
+`python train.py` (one process, no launcher), `deepspeed`, `torchrun` and SLURM's `srun` all end
+up here. The launchers export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; srun exports SLURM_* instead;
+a bare `python` exports nothing, so we fill in a world of one.
+"""
+
+import os
+import socket
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_launcher_env():
+    """Export the torch.distributed variables if no launcher did; returns (rank, world_size, local_rank)."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun without torchrun/deepspeed
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env["SLURM_LOCALID"]
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set: launch with deepspeed, torchrun or a SLURM script in launch/")
+        env["MASTER_PORT"] = str(free_port())
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+
+
+def init_distributed():
+    """Start the process group: NCCL on GPUs, gloo on CPU (DeepSpeed's CPU accelerator)."""
+    rank, world_size, local_rank = fill_launcher_env()
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world_size, local_rank

@@ -1,0 +1,104 @@
+"""Causal self-attention and its variants: the *attention seam* of the model.
+
+A mixer decides how values are mixed across positions, given per-head q, k, v of shape
+[B, H, T, d_head]. Every mixer goes through `scaled_dot_product_attention` (flash, memory-efficient
+or math backend) plus O(T·d) corrections built from C, the causal uniform matrix:
+C_ij = 1/i for j <= i, so C·V is the cumulative mean of V. No T×T matrix is ever formed.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.weights import VALUE_OUTPUT
+
+
+def cumulative_mean(x, dim=-2):
+    """C·x: the mean of x over positions 1..i at each position i (causal; no future token leaks).
+
+    Summed in at least fp32 so bf16 activations do not lose the running sum over long sequences.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    total = torch.cumsum(x.to(acc), dim=dim)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    count = torch.arange(1, x.shape[dim] + 1, device=x.device, dtype=acc).view(shape)
+    return (total / count).to(x.dtype)
+
+
+class SoftmaxMixer(nn.Module):
+    """Vanilla causal softmax attention: softmax(q k^T / sqrt(d_head) + M) v."""
+
+    zero_query_init = False
+
+    def __init__(self, cfg):
+        super().__init__()
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class GapFreeMixer(SoftmaxMixer):
+    """Spectral-gap removal, "Mind the Gap" (Naderi et al., arXiv 2410.07799): (A - C) v.
+
+    Subtracting the uniform attention removes the eigenvalue 1 of the Markov matrix A that drives
+    rank collapse. Causal consequence: position 1 outputs 0 (its row of A equals its row of C).
+    """
+
+    def forward(self, q, k, v):
+        return super().forward(q, k, v) - cumulative_mean(v)
+
+
+class ShapedMixer(nn.Module):
+    """Shaped attention (Noci et al., arXiv 2306.17759): (alpha I + beta softmax(q k^T / tau + M) - gamma C) v.
+
+    Causal form and practice from He & Hofmann (simplified_transformers): per-head alpha, beta,
+    gamma initialised to 1, W_Q initialised to 0 so softmax = C and the attention is exactly
+    alpha I at init. Temperature tau = tau0 * sqrt(d_model * d_head), the paper's width scaling.
+    """
+
+    zero_query_init = True
+
+    def __init__(self, cfg):
+        super().__init__()
+        d_head = cfg.d_model // cfg.n_heads
+        self.scale = 1.0 / (cfg.shaped.tau0 * math.sqrt(cfg.d_model * d_head))
+        trainable = cfg.shaped.trainable_gains
+        self.alpha = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
+        self.beta = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
+        self.gamma = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
+
+    def forward(self, q, k, v):
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        per_head = lambda g: g.view(1, -1, 1, 1)  # noqa: E731
+        return per_head(self.alpha) * v + per_head(self.beta) * attended - per_head(self.gamma) * cumulative_mean(v)
+
+
+MIXERS = {"softmax": SoftmaxMixer, "gapfree": GapFreeMixer, "shaped": ShapedMixer}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention; the mixer and the W_V/W_O parameterization are plugged in."""
+
+    def __init__(self, cfg, out_transform):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.query_key = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.value_output = VALUE_OUTPUT[cfg.weights](cfg)
+        self.mixer = MIXERS[cfg.attention](cfg)
+        self.out_transform = out_transform
+
+    def split_heads(self, x):
+        B, T, d = x.shape
+        return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        w_value, w_output = self.value_output()
+        q, k = self.query_key(x).split(d, dim=-1)
+        v = F.linear(x, w_value)
+        y = self.mixer(self.split_heads(q), self.split_heads(k), self.split_heads(v))
+        y = y.transpose(1, 2).reshape(B, T, d)
+        return self.out_transform(F.linear(y, w_output))

@@ -1,0 +1,73 @@
+"""A decoder-only Transformer LM, post-norm by default, read top to bottom.
+
+Each rank-collapse fix plugs in at one seam:
+  attention variant        -> model/attention.py  (MIXERS: softmax, gapfree, shaped)
+  residual / norm scheme   -> model/residual.py   (post, pre, deepnorm; similarity surgery sites)
+  weight parameterization  -> model/weights.py    (VALUE_OUTPUT: standard, spectral)
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs.schema import ModelConfig
+from model.attention import CausalSelfAttention
+from model.init import init_weights
+from model.residual import SimilaritySurgery, branch_gains, final_norm, residual_join
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+
+        def surgery(site):
+            return SimilaritySurgery(cfg.surgery.tau) if cfg.surgery.site == site else nn.Identity()
+
+        attn_gain, mlp_gain = branch_gains(cfg)
+        self.attn = CausalSelfAttention(cfg, out_transform=surgery("attn_out"))
+        self.mlp = MLP(cfg)
+        self.attn_residual = residual_join(cfg, attn_gain, mix=surgery("residual"))
+        self.mlp_residual = residual_join(cfg, mlp_gain)
+        self.block_transform = surgery("block")
+
+    def forward(self, x):
+        x = self.attn_residual(x, self.attn)
+        x = self.mlp_residual(x, self.mlp)
+        return self.block_transform(x)
+
+
+class Transformer(nn.Module):
+    """`Transformer(cfg)(idx)` maps token ids [B, T] to logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = final_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
+        init_weights(self, cfg)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+        x = self.token_embedding(idx) + self.position_embedding(torch.arange(T, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.final_norm(x))
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())

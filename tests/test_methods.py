@@ -1,0 +1,221 @@
+"""The tests of METHODS.md, in float64: each method's equation, causality and init properties."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from configs import load_config
+from model import Transformer
+from model.attention import MIXERS, CausalSelfAttention, cumulative_mean
+from model.metrics import t_sim
+from model.residual import SimilaritySurgery
+
+PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def model_config(*overrides, preset=None):
+    paths = [f"configs/methods/{preset}.yaml"] if preset else []
+    base = ["model.n_layers=3", "model.d_model=16", "model.n_heads=4", "model.vocab_size=50", "model.max_seq_len=32", "train.seq_len=32"]
+    return load_config(paths, base + list(overrides)).model
+
+
+def causal_uniform(T):
+    """C built by hand: C_ij = 1/i for j <= i (1-based)."""
+    return torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).unsqueeze(1)
+
+
+def softmax_matrix(q, k, scale):
+    T = q.shape[-2]
+    logits = q @ k.transpose(-1, -2) * scale
+    return torch.softmax(logits.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), -math.inf), -1)
+
+
+def qkv(B=2, H=4, T=9, dh=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, dh, generator=g) for _ in range(3)]
+
+
+# ---- C, the causal uniform matrix -------------------------------------------------------------
+
+
+def test_cumulative_mean_is_C_times_v():
+    T = 7
+    C = causal_uniform(T)
+    assert torch.allclose(C.sum(-1), torch.ones(T))
+    assert torch.all(torch.triu(C, 1) == 0)
+    assert torch.allclose(C, softmax_matrix(torch.zeros(1, T, 2), torch.zeros(1, T, 2), 1.0)[0])
+    v = torch.randn(3, T, 5)
+    assert torch.allclose(cumulative_mean(v), C @ v, atol=1e-12)
+
+
+# ---- 1. equations: the SDPA path equals the explicit T×T formula ------------------------------
+
+
+def test_softmax_equation():
+    q, k, v = qkv()
+    mixer = MIXERS["softmax"](model_config())
+    expected = softmax_matrix(q, k, 1 / math.sqrt(q.shape[-1])) @ v
+    assert torch.allclose(mixer(q, k, v), expected, atol=1e-10)
+
+
+def test_gapfree_equation_rows_sum_to_zero_and_first_position_is_zero():
+    q, k, v = qkv()
+    mixer = MIXERS["gapfree"](model_config("model.attention=gapfree"))
+    A = softmax_matrix(q, k, 1 / math.sqrt(q.shape[-1])) - causal_uniform(q.shape[-2])
+    assert torch.allclose(A.sum(-1), torch.zeros(A.shape[:-1]), atol=1e-12)
+    out = mixer(q, k, v)
+    assert torch.allclose(out, A @ v, atol=1e-10)
+    assert torch.all(out[:, :, 0] == 0)
+
+
+def test_shaped_equation_with_nontrivial_gains():
+    cfg = model_config("model.attention=shaped")
+    mixer = MIXERS["shaped"](cfg)
+    with torch.no_grad():
+        mixer.alpha.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+        mixer.beta.copy_(torch.tensor([1.0, 0.3, 2.0, 0.7]))
+        mixer.gamma.copy_(torch.tensor([0.2, 0.9, 1.1, 0.4]))
+    q, k, v = qkv()
+    T, d_head = q.shape[-2], q.shape[-1]
+    tau = cfg.shaped.tau0 * math.sqrt(cfg.d_model * d_head)
+    g = lambda p: p.view(1, -1, 1, 1)  # noqa: E731
+    A = g(mixer.alpha) * torch.eye(T) + g(mixer.beta) * softmax_matrix(q, k, 1 / tau) - g(mixer.gamma) * causal_uniform(T)
+    assert torch.allclose(mixer(q, k, v), A @ v, atol=1e-10)
+
+
+def test_surgery_equation_and_full_mean_removes_all_similarity():
+    x = torch.randn(2, 8, 6) + 3.0  # a large shared mean: t_sim near 1
+    assert t_sim(x) > 0.5
+    surgery = SimilaritySurgery(tau=0.7)
+    assert torch.allclose(surgery(x), x - 0.7 * causal_uniform(8) @ x, atol=1e-12)
+    assert t_sim(x - x.mean(1, keepdim=True)) < 1e-20  # non-causal mean, tau = 1
+
+
+# ---- 2. causality ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_causality_of_outputs_and_gradients(preset):
+    torch.manual_seed(0)
+    model = Transformer(model_config("model.init=fanin", preset=preset))
+    idx = torch.randint(0, 50, (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 50
+
+    def run(tokens):
+        model.zero_grad()
+        logits = model(tokens)
+        logits[:, :7].pow(2).sum().backward()  # a loss of positions < 7 only
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits_a, grads_a = run(idx)
+    logits_b, grads_b = run(changed)
+    assert torch.allclose(logits_a[:, :7], logits_b[:, :7], atol=1e-12)
+    assert not torch.allclose(logits_a[:, 7:], logits_b[:, 7:])
+    for name, grad in grads_a.items():
+        # embeddings of the changed tokens get different (zero vs non-zero) rows; everything else is equal
+        if name not in ("token_embedding.weight",):
+            assert torch.allclose(grad, grads_b[name], atol=1e-10), name
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_no_position_is_constant_across_inputs(preset):
+    """Causal pitfall of surgery (tau = 1 at the residual site) and gap removal: position 1 must
+    still carry its token to the logits."""
+    torch.manual_seed(0)
+    model = Transformer(model_config("model.init=fanin", preset=preset))
+    a, b = model(torch.randint(0, 50, (1, 6))), model(torch.randint(0, 50, (1, 6)))
+    assert (a - b).abs().amax(-1).min() > 1e-6
+
+
+# ---- 4. shaped attention at init ------------------------------------------------------------
+
+
+def test_shaped_attention_is_alpha_times_values_at_init():
+    cfg = model_config(preset="shaped")
+    attn = CausalSelfAttention(cfg, out_transform=torch.nn.Identity())
+    torch.nn.init.normal_(attn.query_key.weight)
+    attn.query_key.weight.data[: cfg.d_model] = 0  # W_Q = 0, as init.py does
+    with torch.no_grad():
+        attn.mixer.alpha.fill_(1.7)
+    x = torch.randn(2, 10, cfg.d_model)
+    w_v, w_o = attn.value_output()
+    assert torch.allclose(attn(x), F.linear(1.7 * F.linear(x, w_v), w_o), atol=1e-12)
+
+
+def test_shaped_model_zeroes_queries_at_init():
+    model = Transformer(model_config(preset="shaped"))
+    for block in model.blocks:
+        assert torch.all(block.attn.query_key.weight[:16] == 0)
+        assert torch.any(block.attn.query_key.weight[16:] != 0)
+
+
+# ---- 7. spectral parameterization ------------------------------------------------------------
+
+
+def spectral_checks(vo, lo, hi, sign):
+    w_value, w_output = vo()
+    U = w_value.T
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[0]), atol=1e-10)
+    H = w_value.T @ w_output.T  # W_V W_O in x @ W layout
+    assert torch.allclose(H, H.T, atol=1e-10)
+    eig = torch.linalg.eigvalsh(H)
+    assert torch.all(sign * eig >= lo - 1e-9) and torch.all(sign * eig <= hi + 1e-9)
+    for h in range(4):  # per head: H_h = U_h diag(lambda_h) U_h^T
+        cols = slice(4 * h, 4 * h + 4)
+        Hh = U[:, cols] @ torch.diag(vo.eigenvalues()[cols]) @ U[:, cols].T
+        assert torch.allclose(Hh, Hh.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode,sign", [("sharpen", -1.0), ("smooth", 1.0)])
+def test_spectral_eigenvalues_hold_after_optimizer_steps(mode, sign):
+    torch.manual_seed(0)
+    cfg = model_config(f"model.spectral.mode={mode}", "model.spectral.lambda_min=0.1",
+                       "model.spectral.lambda_max=0.9", preset="spectral")
+    model = Transformer(cfg)
+    vo = model.blocks[0].attn.value_output
+    spectral_checks(vo, 0.1, 0.9, sign)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randint(0, 50, (2, 10))).pow(2).mean().backward()
+        assert vo.basis.grad.abs().sum() > 0 and vo.psi.grad.abs().sum() > 0
+        opt.step()
+    spectral_checks(vo, 0.1, 0.9, sign)
+
+
+# ---- init properties -------------------------------------------------------------------------
+
+
+def test_deepnorm_constants_and_beta_init():
+    L = 3
+    model = Transformer(model_config(preset="deepnorm"))
+    join = model.blocks[0].attn_residual
+    assert join.alpha == pytest.approx((2 * L) ** 0.25)
+    torch.manual_seed(0)
+    xavier = Transformer(model_config("model.init=xavier"))
+    torch.manual_seed(0)
+    deep = Transformer(model_config(preset="deepnorm"))
+    beta = (8 * L) ** -0.25
+    b0, d0 = xavier.blocks[1], deep.blocks[1]
+    for name in ("attn.value_output.value.weight", "attn.value_output.output.weight", "mlp.up.weight", "mlp.down.weight"):
+        assert torch.allclose(dict(d0.named_parameters())[name], beta * dict(b0.named_parameters())[name])
+    assert torch.equal(d0.attn.query_key.weight, b0.attn.query_key.weight)
+
+
+@pytest.mark.parametrize("scheme,std", [("gpt2", 0.02), ("fanin", 1 / math.sqrt(64))])
+def test_init_scheme_std(scheme, std):
+    torch.manual_seed(0)
+    cfg = load_config([], ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", f"model.init={scheme}"]).model
+    w = Transformer(cfg).blocks[0].attn.query_key.weight
+    assert w.std().item() == pytest.approx(std, rel=0.05)
