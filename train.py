@@ -18,26 +18,32 @@ from pathlib import Path
 from configs import ConfigError, exit_on_error, load_config, to_yaml
 
 
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Train a Fathom language model.")
-    ap.add_argument("--config", action="append", default=[], help="YAML file; repeat to merge, later wins")
+    ap.add_argument("--config", action="append", default=[],
+                    help=f"YAML file; repeat to merge, later wins (default: {DEFAULT_CONFIG})")
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. model.n_layers=96")
     return ap.parse_intermixed_args(argv)
 
 
 def resolve_data(cfg):
-    """The prepared data directory and its meta.json; the built-in corpus is prepared on first use."""
+    """The prepared data directory and its checked meta.json; the built-in corpus is prepared on first use."""
+    from data.meta import DataError, read_prepared
+
     if cfg.data.path:
         path = Path(cfg.data.path).expanduser()
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"data.path={cfg.data.path!r} holds no meta.json: prepare it with "
-                              f"`python -m data.prepare --input SRC --output {cfg.data.path}`")
     else:
         from data.stdlib_corpus import stdlib_dataset
 
         path = stdlib_dataset(cfg.data.cache_dir, cfg.data.vocab_size)
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = read_prepared(path)
+    except DataError as e:
+        raise ConfigError(f"data.path: {e}") from None
     cfg.model.vocab_size = meta["tokenizer"]["vocab_size"]
     return path, meta
 
@@ -214,7 +220,8 @@ def train(cfg, data_path, meta):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = exit_on_error(load_config, args.config, args.overrides)
+    paths = args.config or [Path(__file__).parent / DEFAULT_CONFIG]
+    cfg = exit_on_error(load_config, paths, args.overrides)
     data_path, meta = exit_on_error(resolve_data, cfg)
     train(cfg, data_path, meta)
 

@@ -8,11 +8,12 @@ accum 2 × micro b see the same samples per step, and the loader's whole state i
 a resumed run, on any number of ranks, continues the same sequence.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data.meta import read_prepared
 
 
 class TokenShards:
@@ -20,7 +21,7 @@ class TokenShards:
 
     def __init__(self, path, split, seq_len):
         path = Path(path)
-        self.meta = json.loads((path / "meta.json").read_text())
+        self.meta = read_prepared(path)
         info = self.meta["splits"][split]
         self.seq_len = seq_len
         self.shards = [np.memmap(path / name, dtype=self.meta["dtype"], mode="r") for name in info["shards"]]

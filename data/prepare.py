@@ -1,11 +1,14 @@
-"""Turn documents into training data: a trained tokenizer, flat token shards and meta.json.
+"""Any corpus -> a trained tokenizer, flat token shards and meta.json, in one command.
 
-    python -m data.prepare --input SRC --output DIR [--vocab-size N] [--val-fraction F]
+    python -m data.prepare --input SRC --output DIR [--tokenizer bpe|sentencepiece|PATH]
+                           [--vocab-size N] [--text-column NAME] [--val-fraction F] [--workers N]
 
-SRC is a text file, a folder (every file below it) or a glob. The output directory is written
-under a temporary name and renamed when complete, so a crash never leaves a half-prepared
-directory that looks done. Layout (see data/loader.py for how it is read):
-    DIR/meta.json  DIR/tokenizer.json  DIR/train_0000.bin ...  DIR/val_0000.bin ...
+SRC is a file, a folder or a glob of text / JSONL / Parquet files, a `datasets` dataset saved with
+`save_to_disk`, or a dataset name for `datasets.load_dataset`. Text files give one document per
+file; JSONL and Parquet one per row (`--text-column`). Output (read by data/loader.py):
+    DIR/meta.json  DIR/tokenizer.json|tokenizer.model  DIR/train_0000.bin ...  DIR/val_0000.bin ...
+Everything is written under a temporary name and renamed when complete, so a crash never leaves
+a half-prepared directory that looks done.
 """
 
 import argparse
@@ -13,18 +16,18 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-EOT = "<|endoftext|>"
-SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard: memory-mapped, so the size only bounds file count
+from data.meta import DataError, MetaFile
+from data.tokenizer import KINDS, TokenizerError, load_tokenizer
 
-
-class DataError(ValueError):
-    """Bad data input, named with the fix."""
+SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: shards are memory-mapped, the size only bounds file count
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else is read as text
 
 
 def is_validation(document, val_fraction):
@@ -33,125 +36,189 @@ def is_validation(document, val_fraction):
     return h / 2**64 < val_fraction
 
 
-def train_tokenizer(documents, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(documents, trainer=trainer)
-    return tok
-
-
-def encode(tok, documents, eot_id, dtype, batch=256):
-    """Token ids of all documents, each followed by the end-of-text token, as one flat array."""
-    parts = []
-    for i in range(0, len(documents), batch):
-        for enc in tok.encode_batch(documents[i : i + batch]):
-            parts.append(np.asarray(enc.ids, dtype=dtype))
-            parts.append(np.asarray([eot_id], dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def write_shards(tokens, directory, split):
-    names = []
-    for k, start in enumerate(range(0, max(len(tokens), 1), SHARD_TOKENS)):
-        name = f"{split}_{k:04d}.bin"
-        tokens[start : start + SHARD_TOKENS].tofile(directory / name)
-        names.append(name)
-    return names
-
-
-def unigram_entropy(tokens, vocab_size):
-    """Entropy in nats of the token frequencies: the loss of a model that ignores context."""
-    p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def prepare(documents, output, vocab_size=8192, val_fraction=0.02, source=""):
-    """Tokenize `documents` (a list of strings) into `output`; returns the meta dict."""
-    output = Path(output)
-    if output.exists():
-        raise DataError(f"output directory {str(output)!r} already exists: choose a new --output or remove it")
-    documents = [d for d in documents if d]
-    if not documents:
-        raise DataError(f"input {source!r} holds no text: point --input at non-empty text files")
-    val = [d for d in documents if is_validation(d, val_fraction)]
-    train = [d for d in documents if not is_validation(d, val_fraction)]
-    if not val or not train:  # tiny inputs: still give both splits something
-        train, val = documents[:-1] or documents, documents[-1:]
-
-    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        tok = train_tokenizer(train, vocab_size)
-        tok.save(str(tmp / "tokenizer.json"))
-        eot_id = tok.token_to_id(EOT)
-        real_vocab = tok.get_vocab_size()
-        dtype = np.uint16 if real_vocab <= 2**16 else np.uint32
-        meta = {
-            "format": 1,
-            "source": source,
-            "tokenizer": {"kind": "bpe", "file": "tokenizer.json", "vocab_size": real_vocab,
-                          "hash": file_sha256(tmp / "tokenizer.json")},
-            "eot_id": eot_id,
-            "dtype": np.dtype(dtype).name,
-            "splits": {},
-        }
-        for split, docs in (("train", train), ("val", val)):
-            tokens = encode(tok, docs, eot_id, dtype)
-            meta["splits"][split] = {"documents": len(docs), "tokens": int(len(tokens)),
-                                     "shards": write_shards(tokens, tmp, split)}
-            if split == "train":
-                meta["unigram_entropy"] = unigram_entropy(tokens, real_vocab)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
-
-
-def read_text_files(src):
-    """Documents from a file, a folder or a glob: one document per file, sorted by path."""
+def input_files(src):
     if any(c in src for c in "*?["):
         paths = sorted(Path(p) for p in glob.glob(src, recursive=True))
     elif Path(src).is_dir():
-        paths = sorted(p for p in Path(src).rglob("*") if p.is_file())
-    elif Path(src).is_file():
-        paths = [Path(src)]
+        paths = sorted(Path(src).rglob("*"))
     else:
-        raise DataError(f"input {src!r} does not exist: pass a text file, a folder or a glob")
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise DataError(f"input {src!r} matches no files: check the path or glob")
-    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+        paths = [Path(src)]
+    return [str(p) for p in paths if p.is_file() and not p.name.startswith(".")]
+
+
+def looks_like_dataset_name(src):
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", src) is not None and not Path(src).suffix
+
+
+def load_documents(src, text_column="text", streaming=False):
+    """A `datasets` Dataset (or IterableDataset when streaming) with the documents in `text_column`."""
+    import datasets
+
+    path = Path(src)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(src)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    elif path.exists() or any(c in src for c in "*?["):
+        files = input_files(src)
+        if not files:
+            raise DataError(f"input {src!r} matches no files: check the path or glob")
+        builders = {BUILDERS.get(Path(f).suffix, "text") for f in files}
+        if len(builders) > 1:
+            raise DataError(f"input {src!r} mixes text, JSON and Parquet files: prepare each kind separately")
+        builder = builders.pop()
+        kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+    elif looks_like_dataset_name(src):
+        try:
+            ds = datasets.load_dataset(src, split="train", streaming=streaming)
+        except Exception as e:
+            raise DataError(f"input {src!r} is no local path and could not be loaded as a dataset "
+                            f"({type(e).__name__}); offline, save it with save_to_disk and pass that folder") from None
+    else:
+        raise DataError(f"input {src!r} does not exist: pass a file, a folder, a glob, a saved dataset or a dataset name")
+    columns = ds.column_names or list(next(iter(ds)).keys())
+    if text_column not in columns:
+        raise DataError(f"input {src!r} has no column {text_column!r}: pass --text-column, one of {columns}")
+    return ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" \
+        else ds.select_columns(["text"])
+
+
+def text_batches(ds, val_fraction, split, batch=1000):
+    """Non-empty documents of one split, in batches of strings."""
+    want_val = split == "val"
+    buf = []
+    for row in ds:
+        text = row["text"]
+        if text and is_validation(text, val_fraction) == want_val:
+            buf.append(text)
+            if len(buf) == batch:
+                yield buf
+                buf = []
+    if buf:
+        yield buf
+
+
+class ShardWriter:
+    """Appends token arrays to DIR/{split}_NNNN.bin, starting a new shard every SHARD_TOKENS."""
+
+    def __init__(self, directory, split, dtype, vocab_size):
+        self.directory, self.split, self.dtype = Path(directory), split, dtype
+        self.names, self.tokens, self.in_shard = [], 0, SHARD_TOKENS
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.file = None
+
+    def write(self, ids):
+        ids = np.asarray(ids, dtype=self.dtype)
+        self.counts += np.bincount(ids, minlength=len(self.counts))
+        self.tokens += len(ids)
+        while len(ids):
+            if self.in_shard == SHARD_TOKENS:
+                self.close()
+                self.names.append(f"{self.split}_{len(self.names):04d}.bin")
+                self.file, self.in_shard = open(self.directory / self.names[-1], "wb"), 0
+            take = ids[: SHARD_TOKENS - self.in_shard]
+            take.tofile(self.file)
+            self.in_shard += len(take)
+            ids = ids[len(take):]
+
+    def close(self):
+        if self.file:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def unigram_entropy(self):
+        """Entropy in nats of the token frequencies: the loss of a model that ignores context."""
+        p = self.counts[self.counts > 0] / max(1, self.counts.sum())
+        return float(-(p * np.log(p)).sum())
+
+
+def tokenize(ds, tok, val_fraction, split, workers):
+    """Token ids of one split as batches of flat arrays, each document followed by end-of-text."""
+    import datasets
+
+    eot = tok.eot_id
+
+    def encode(batch):
+        keep = [t for t in batch["text"] if t and is_validation(t, val_fraction) == (split == "val")]
+        ids = tok.encode_batch(keep)
+        return {"ids": [np.concatenate([np.asarray(i, dtype=np.int64), [eot]]) for i in ids]}
+
+    if isinstance(ds, datasets.IterableDataset):
+        mapped = ds.map(encode, batched=True, batch_size=500, remove_columns=["text"])
+        for row in mapped:
+            yield row["ids"]
+        return
+    mapped = ds.map(encode, batched=True, batch_size=500, remove_columns=["text"], num_proc=workers if workers > 1 else None,
+                    desc=f"tokenize {split}", load_from_cache_file=False, keep_in_memory=True)
+    mapped = mapped.with_format("numpy")
+    for start in range(0, len(mapped), 1000):
+        yield np.concatenate(list(mapped[start : start + 1000]["ids"]))
+
+
+def make_tokenizer(spec, ds, vocab_size, val_fraction):
+    if spec in KINDS:
+        return KINDS[spec].train(text_batches(ds, val_fraction, "train"), vocab_size)
+    return load_tokenizer(spec)
+
+
+def prepare(ds, output, tokenizer="bpe", vocab_size=8192, val_fraction=0.02, workers=1, source=""):
+    """Tokenize the documents of `ds` (a `datasets` dataset with a "text" column) into `output`."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise DataError(f"output {str(output)!r} already exists and is not empty: choose a new --output or remove it")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1")
+    first = next(text_batches(ds, 1.0, "val", batch=1), None)
+    if first is None:
+        raise DataError(f"input {source!r} holds no text: point --input at non-empty documents")
+
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok = make_tokenizer(tokenizer, ds, vocab_size, val_fraction)
+        tok.save(tmp)
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        meta = MetaFile.new(source, tok, tmp, np.dtype(dtype).name)
+        for split in ("train", "val"):
+            writer = ShardWriter(tmp, split, dtype, tok.vocab_size)
+            for ids in tokenize(ds, tok, val_fraction, split, workers):
+                writer.write(ids)
+            writer.close()
+            meta.add_split(split, writer)
+        meta.check_usable(source)
+        meta.write(tmp)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta.data
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", required=True, help="a text file, a folder or a glob")
-    ap.add_argument("--output", required=True, help="new directory to write")
+    ap.add_argument("--input", required=True, help="file, folder, glob, saved dataset or dataset name")
+    ap.add_argument("--output", required=True, help="new (or empty) directory to write")
+    ap.add_argument("--tokenizer", default="bpe", help="bpe, sentencepiece, or a tokenizer.json / .model to reuse")
     ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--text-column", default="text", help="column of JSONL/Parquet/dataset inputs")
     ap.add_argument("--val-fraction", type=float, default=0.02)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
+    ap.add_argument("--streaming", action="store_true", help="stream the input instead of caching it as Arrow")
     args = ap.parse_args(argv)
     try:
-        meta = prepare(read_text_files(args.input), args.output, args.vocab_size, args.val_fraction, source=args.input)
-    except DataError as e:
+        ds = load_documents(args.input, args.text_column, args.streaming)
+        meta = prepare(ds, args.output, args.tokenizer, args.vocab_size, args.val_fraction, args.workers, args.input)
+    except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     s = meta["splits"]
     print(f"wrote {args.output}: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, "
-          f"vocab {meta['tokenizer']['vocab_size']}")
+          f"{meta['tokenizer']['kind']} vocab {meta['tokenizer']['vocab_size']}")
 
 
 if __name__ == "__main__":

@@ -30,5 +30,8 @@ def stdlib_dataset(cache_dir, vocab_size):
     with FileLock(str(out) + ".lock"):
         if not (out / "meta.json").is_file():
             print(f"preparing the built-in corpus (Python stdlib) into {out} ...", file=sys.stderr)
-            prepare(stdlib_documents(), out, vocab_size=vocab_size, source="python-stdlib")
+            import datasets
+
+            docs = datasets.Dataset.from_dict({"text": stdlib_documents()})
+            prepare(docs, out, vocab_size=vocab_size, source="python-stdlib")
     return out

@@ -1,0 +1,79 @@
+"""meta.json of a prepared data directory: written by data.prepare, checked before training.
+
+Checking costs a few stat() calls, so train.py does it before any process group or GPU is set up:
+a missing, truncated or foreign shard stops the run with one line naming the file and the fix.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT = 1
+
+
+class DataError(ValueError):
+    """Bad data input, named with the fix."""
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class MetaFile:
+    def __init__(self, data):
+        self.data = data
+
+    @classmethod
+    def new(cls, source, tok, directory, dtype):
+        return cls({
+            "format": FORMAT,
+            "source": source,
+            "tokenizer": {"kind": tok.kind, "file": tok.filename, "vocab_size": tok.vocab_size,
+                          "hash": file_sha256(Path(directory) / tok.filename)},
+            "eot_id": tok.eot_id,
+            "dtype": dtype,
+            "splits": {},
+        })
+
+    def add_split(self, split, writer):
+        documents = int(writer.counts[self.data["eot_id"]])
+        self.data["splits"][split] = {"tokens": int(writer.tokens), "documents": documents, "shards": writer.names}
+        if split == "train":
+            self.data["unigram_entropy"] = writer.unigram_entropy()
+
+    def check_usable(self, source):
+        for split, info in self.data["splits"].items():
+            if info["tokens"] < 2:
+                raise DataError(f"input {source!r} gives an empty {split} split: add documents or change --val-fraction")
+
+    def write(self, directory):
+        (Path(directory) / "meta.json").write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def read_prepared(path):
+    """meta.json of a prepared directory, after checking that every shard is there and whole."""
+    path = Path(path)
+    fix = f"re-run `python -m data.prepare --input SRC --output {path}` into a new directory"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} holds no meta.json: prepare it with `python -m data.prepare --input SRC --output {path}`") from None
+    except ValueError:
+        raise DataError(f"{path / 'meta.json'} is not valid JSON: {fix}") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path / 'meta.json'} has format {meta.get('format')!r}, this Fathom reads {FORMAT}: {fix}")
+    itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
+    tokenizer = path / meta["tokenizer"]["file"]
+    if not tokenizer.is_file() or file_sha256(tokenizer) != meta["tokenizer"]["hash"]:
+        raise DataError(f"{tokenizer} is missing or does not match meta.json's tokenizer hash: {fix}")
+    for split, info in meta["splits"].items():
+        size = 0
+        for name in info["shards"]:
+            shard = path / name
+            if not shard.is_file():
+                raise DataError(f"shard {shard} is missing: {fix}")
+            size += shard.stat().st_size
+        if size != info["tokens"] * itemsize:
+            raise DataError(f"the {split} shards of {path} hold {size} bytes, meta.json expects "
+                            f"{info['tokens'] * itemsize} (truncated?): {fix}")
+    return meta

@@ -1,0 +1,137 @@
+"""The tokenizers Fathom trains or loads, behind one small interface.
+
+Both kinds travel with the data (saved next to meta.json) and give the same calls:
+encode_batch(texts) -> lists of ids, decode(ids) -> text, vocab_size, eot_id.
+"""
+
+import io
+from pathlib import Path
+
+EOT = "<|endoftext|>"
+MIN_VOCAB = 257  # byte-level BPE: 256 byte tokens + the end-of-text token
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded, named with the fix."""
+
+
+class BPETokenizer:
+    """Byte-level BPE from `tokenizers` (GPT-2 style): any text round-trips exactly."""
+
+    kind = "bpe"
+    filename = "tokenizer.json"
+
+    def __init__(self, tok):
+        self.tok = tok
+        if tok.token_to_id(EOT) is None:
+            tok.add_special_tokens([EOT])
+        self.eot_id = tok.token_to_id(EOT)
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, batches, vocab_size):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < MIN_VOCAB:
+            raise TokenizerError(f"--vocab-size {vocab_size} is too small for byte-level BPE: use at least {MIN_VOCAB}")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(batches, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path):
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids))
+
+    def save(self, directory):
+        self.tok.save(str(Path(directory) / self.filename))
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece unigram or BPE model with byte fallback; documents end with its </s>."""
+
+    kind = "sentencepiece"
+    filename = "tokenizer.model"
+
+    def __init__(self, model_proto):
+        import sentencepiece as spm
+
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.eot_id = self.sp.eos_id()
+        if self.eot_id < 0:
+            raise TokenizerError("the SentencePiece model has no end-of-sentence token: train it with eos_id >= 0")
+        self.vocab_size = self.sp.get_piece_size()
+
+    @classmethod
+    def train(cls, batches, vocab_size, model_type="unigram", seed=0):
+        import sentencepiece as spm
+
+        # The trainer drops "sentences" longer than max_sentence_length, so feed it lines, and keep
+        # whitespace and case as they are (code and prose both need them to round-trip).
+        def lines():
+            for batch in batches:
+                for text in batch:
+                    yield from (line for line in text.splitlines() if line.strip())
+
+        spm.set_random_generator_seed(seed)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+                byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_digits=True, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                allow_whitespace_only_pieces=True, minloglevel=2, num_threads=2,
+            )
+        except RuntimeError as e:
+            raise TokenizerError(f"SentencePiece could not train a {vocab_size}-token model: "
+                                 f"{str(e).strip().splitlines()[-1]} (change --vocab-size)") from None
+        return cls(model.getvalue())
+
+    @classmethod
+    def load(cls, path):
+        return cls(Path(path).read_bytes())
+
+    def encode_batch(self, texts):
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+    def save(self, directory):
+        (Path(directory) / self.filename).write_bytes(self.proto)
+
+
+KINDS = {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}
+
+
+def load_tokenizer(path):
+    """An existing tokenizer file: a `tokenizers` JSON or a SentencePiece .model."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {str(path)!r} not found: pass bpe, sentencepiece or an existing "
+                             "tokenizer.json / .model file")
+    try:
+        return (SentencePieceTokenizer if path.suffix == ".model" else BPETokenizer).load(path)
+    except TokenizerError:
+        raise
+    except Exception as e:
+        raise TokenizerError(f"tokenizer {str(path)!r} could not be read ({type(e).__name__}): pass a "
+                             "`tokenizers` JSON file or a SentencePiece .model") from None
+
+
+def tokenizer_from_meta(directory, meta):
+    """The tokenizer saved next to a prepared data directory's meta.json."""
+    return KINDS[meta["tokenizer"]["kind"]].load(Path(directory) / meta["tokenizer"]["file"])
+

@@ -1,0 +1,151 @@
+"""Data pipeline: every input kind, both tokenizers, byte-identical output, the global sample
+order across ranks and resumes, and one clear error for each bad input."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.loader import SampleOrder, TrainBatches
+from data.meta import DataError, read_prepared
+from data.prepare import load_documents, prepare
+from tests.conftest import run_cli
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return [p.read_text(errors="replace") for p in sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))]
+
+
+@pytest.fixture(scope="module")
+def sources(documents, tmp_path_factory):
+    """The same documents as a folder of text files, a JSONL file, a Parquet file and a saved dataset."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("sources")
+    (root / "txt").mkdir()
+    for i, d in enumerate(documents):
+        (root / "txt" / f"doc{i:03d}.txt").write_text(d)
+    with open(root / "docs.jsonl", "w") as f:
+        for d in documents:
+            f.write(json.dumps({"id": 1, "content": d}) + "\n")
+    ds = datasets.Dataset.from_dict({"content": documents, "id": list(range(len(documents)))})
+    ds.to_parquet(str(root / "docs.parquet"))
+    ds.save_to_disk(str(root / "saved"))
+    return root
+
+
+def leftovers(directory):
+    return [p.name for p in Path(directory).iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("src,column", [("txt", "text"), ("docs.jsonl", "content"), ("docs.parquet", "content"),
+                                        ("saved", "content")])
+def test_every_input_kind_gives_the_same_tokens(sources, tmp_path, src, column):
+    out = tmp_path / "out"
+    run_cli("-m", "data.prepare", "--input", str(sources / src), "--output", str(out), "--vocab-size", "400",
+            "--text-column", column, "--val-fraction", "0.2", "--workers", "1")
+    meta = read_prepared(out)
+    reference = prepare(load_documents(str(sources / "txt")), tmp_path / "ref", vocab_size=400, val_fraction=0.2)
+    assert meta["splits"] == reference["splits"] and meta["tokenizer"]["hash"] == reference["tokenizer"]["hash"]
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(list((sources / "txt").iterdir()))
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "sentencepiece"])
+def test_prepare_is_byte_identical_and_round_trips(sources, tmp_path, tokenizer):
+    from data.tokenizer import tokenizer_from_meta
+
+    outs = []
+    for k, workers in enumerate((1, 2)):
+        outs.append(tmp_path / f"out{k}")
+        prepare(load_documents(str(sources / "docs.jsonl"), "content"), outs[-1], tokenizer, 600, 0.2, workers)
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert files == sorted(p.name for p in outs[1].iterdir())
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    meta = read_prepared(outs[0])
+    tok = tokenizer_from_meta(outs[0], meta)
+    tokens = np.fromfile(outs[0] / "val_0000.bin", dtype=meta["dtype"])
+    first_doc = tokens[: int(np.argmax(tokens == meta["eot_id"]))]
+    assert "def " in tok.decode(first_doc) or "import" in tok.decode(first_doc)
+
+
+def test_existing_tokenizer_is_reused(sources, tmp_path):
+    a = tmp_path / "a"
+    prepare(load_documents(str(sources / "txt")), a, "bpe", 400, 0.2)
+    b = tmp_path / "b"
+    run_cli("-m", "data.prepare", "--input", str(sources / "docs.parquet"), "--text-column", "content",
+            "--output", str(b), "--tokenizer", str(a / "tokenizer.json"), "--val-fraction", "0.2")
+    assert read_prepared(a)["tokenizer"]["hash"] == read_prepared(b)["tokenizer"]["hash"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input", "/no/such/corpus.txt"], "input '/no/such/corpus.txt' does not exist"),
+    (["--input", "EMPTY"], "holds no text"),
+    (["--input", "docs.jsonl", "--text-column", "body"], "has no column 'body': pass --text-column, one of ['id', 'content']"),
+    (["--input", "txt", "--vocab-size", "100"], "--vocab-size 100 is too small for byte-level BPE: use at least 257"),
+    (["--input", "txt", "--output", "FULL"], "already exists and is not empty: choose a new --output"),
+    (["--input", "txt", "--tokenizer", "/no/tok.json"], "tokenizer '/no/tok.json' not found"),
+])
+def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(sources, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("other data")
+    subst = {"EMPTY": str(tmp_path / "empty"), "FULL": str(tmp_path / "full")}
+    args = [subst.get(a, str(sources / a) if (sources / a).exists() else a) for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    proc = run_cli("-m", "data.prepare", *args, "--val-fraction", "0.2", check=False)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+
+
+def test_truncated_shard_is_named(tiny_data, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    shard = copy / "train_0000.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"the train shards of .* hold \d+ bytes, meta.json expects \d+ \(truncated\?\)"):
+        read_prepared(copy)
+    proc = run_cli("train.py", f"data.path={copy}", check=False)
+    assert proc.returncode == 2 and "truncated?" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---- the global sample order ----------------------------------------------------------------
+
+
+def test_sample_order_is_a_permutation_per_epoch_from_the_seed():
+    order = SampleOrder(10, seed=3)
+    first, second = order(np.arange(10)), order(np.arange(10, 20))
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
+    assert not np.array_equal(first, second)
+    assert np.array_equal(SampleOrder(10, seed=3)(np.arange(5, 15)), np.concatenate([first[5:], second[:5]]))
+    assert not np.array_equal(SampleOrder(10, seed=4)(np.arange(10)), first)
+
+
+def test_ranks_split_the_global_batch_and_a_resume_continues_it(tiny_data):
+    def loader(world, rank, accum):
+        return TrainBatches(tiny_data, 16, micro_batch=4, grad_accum=accum, world_size=world, rank=rank, seed=7)
+
+    one = loader(1, 0, accum=2)
+    r0, r1 = loader(2, 0, accum=1), loader(2, 1, accum=1)
+    for step in (0, 1, 57):
+        x1 = np.concatenate([one.micro_batch_at(step, m)[0].numpy() for m in range(2)])
+        a, b = r0.micro_batch_at(step, 0)[0].numpy(), r1.micro_batch_at(step, 0)[0].numpy()
+        assert np.array_equal(np.concatenate([a, b]), x1)  # union of the ranks = the 1-rank step
+        assert set(map(tuple, a)).isdisjoint(map(tuple, b))
+    # the loader's state is the step: a fresh loader asked for step 57 continues exactly
+    assert np.array_equal(loader(1, 0, 2).micro_batch_at(57, 1)[0], one.micro_batch_at(57, 1)[0])
+    x, y = one.micro_batch_at(3, 0)
+    assert np.array_equal(x[:, 1:], y[:, :-1])

@@ -1,0 +1,30 @@
+"""A short real training run through train.py: the run directory and a falling loss."""
+
+import json
+
+import yaml
+
+from configs import load_config
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_falls_and_run_dir_is_complete(tiny_run):
+    lines = read_jsonl(tiny_run / "metrics.jsonl")
+    train = [r for r in lines if "loss" in r]
+    val = [r for r in lines if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 45, 5))
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert [r["step"] for r in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train)
+    assert lines[0]["unigram_entropy"] > 0
+    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resolved_config_is_written_and_loads_back(tiny_run, tiny_data):
+    saved = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(tiny_data) and saved["model"]["n_layers"] == 2
+    assert saved["model"]["vocab_size"] == json.loads((tiny_data / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    assert load_config([tiny_run / "config.yaml"]).train.max_steps == 40
