@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, exit_on_error, load_config, to_yaml
+from launch.deepspeed_config import deepspeed_config, grad_accum_steps
+from launch.distributed import fill_launcher_env
 
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -55,20 +57,6 @@ def lr_factor(step, cfg):
         return (step + 1) / t.warmup_steps
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def deepspeed_config(cfg, precision):
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 def param_groups(model, weight_decay):
@@ -146,7 +134,18 @@ def evaluate(engine, val_batches, device):
     return (total[0] / total[1]).item()
 
 
-def train(cfg, data_path, meta):
+def peak_memory_mb():
+    """Peak memory of this rank: GPU memory allocated on CUDA, else the process's max RSS."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg, data_path, meta, grad_accum):
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -169,20 +168,22 @@ def train(cfg, data_path, meta):
 
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model)
+    model.checkpoint_every = t.activation_checkpointing
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, precision)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, precision, grad_accum)
     )
     device = engine.device
-    batches = TrainBatches(data_path, t.seq_len, t.micro_batch_size, t.grad_accum, world_size, rank, t.seed)
+    batches = TrainBatches(data_path, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
     val_batches = ValBatches(data_path, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
     tokens_per_step = batches.global_batch * t.seq_len
 
     log = RunLog(out_dir, rank == 0, t.max_steps)
     log.info(f"model: {model.num_parameters():,} parameters, {cfg.model.n_layers} layers, norm={cfg.model.norm}, "
              f"attention={cfg.model.attention}, weights={cfg.model.weights}, surgery={cfg.model.surgery.site}; "
-             f"{world_size} rank(s), global batch {batches.global_batch} x {t.seq_len} tokens, {precision}")
+             f"{world_size} rank(s) x micro batch {t.micro_batch_size} x grad accum {grad_accum} = global batch "
+             f"{batches.global_batch} x {t.seq_len} tokens, ZeRO-{t.zero_stage}, {precision}")
     log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
                "global_batch": batches.global_batch}, "data")
 
@@ -192,22 +193,22 @@ def train(cfg, data_path, meta):
         step_loss.zero_()
         done = step + 1
         logging_step = done % t.log_every == 0 or done == t.max_steps
-        for micro in range(t.grad_accum):
+        for micro in range(grad_accum):
             x, y = batches.micro_batch_at(step, micro, device)
             loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
             engine.backward(loss)
-            if logging_step and micro == t.grad_accum - 1:
+            if logging_step and micro == grad_accum - 1:
                 grad_norm = gradient_norm(engine, model)
             engine.step()
             step_loss += loss.detach().double()
         if logging_step:
             dist.all_reduce(step_loss)
-            loss_value = step_loss.item() / (t.grad_accum * world_size)
+            loss_value = step_loss.item() / (grad_accum * world_size)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_in_window = t.log_every if done % t.log_every == 0 else done % t.log_every
             grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_step * steps_in_window / elapsed}
+                      "tokens_per_s": tokens_per_step * steps_in_window / elapsed, "peak_memory_mb": peak_memory_mb()}
             log.write(record, "train")
             log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"])
         if done % t.eval_every == 0 or done == t.max_steps:
@@ -223,7 +224,9 @@ def main(argv=None):
     paths = args.config or [Path(__file__).parent / DEFAULT_CONFIG]
     cfg = exit_on_error(load_config, paths, args.overrides)
     data_path, meta = exit_on_error(resolve_data, cfg)
-    train(cfg, data_path, meta)
+    _, world_size, _ = fill_launcher_env()
+    grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
+    train(cfg, data_path, meta, grad_accum)
 
 
 if __name__ == "__main__":

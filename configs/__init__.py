@@ -69,7 +69,7 @@ def _check(cfg):
         value = OmegaConf.select(cfg, key)
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
-            raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(choices)}")
+            raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, choices))}")
         check = f.metadata.get("check")
         if check is not None and not check[0](value):
             raise ConfigError(f"{key}={value!r} is not allowed: it must be {check[1]}")
@@ -82,6 +82,10 @@ def _check(cfg):
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
                           "lower train.seq_len or raise model.max_seq_len")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1: set train.zero_stage=2")
+    if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} not found: pass an existing DeepSpeed JSON file")
     if m.spectral.lambda_min > m.spectral.lambda_max:
         raise ConfigError(f"model.spectral.lambda_min={m.spectral.lambda_min} exceeds "
                           f"model.spectral.lambda_max={m.spectral.lambda_max}")

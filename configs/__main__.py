@@ -6,7 +6,7 @@ from configs import schema_fields
 def markdown_table():
     rows = ["| key | default | allowed | what it does |", "|---|---|---|---|"]
     for key, f in schema_fields():
-        allowed = ", ".join(f.metadata["choices"]) if "choices" in f.metadata else f.metadata.get("check", (0, ""))[1]
+        allowed = ", ".join(map(str, f.metadata["choices"])) if "choices" in f.metadata else f.metadata.get("check", (0, ""))[1]
         rows.append(f"| `{key}` | `{f.default!r}` | {allowed} | {f.metadata['help']} |")
     return "\n".join(rows)
 

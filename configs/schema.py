@@ -113,8 +113,18 @@ class TrainConfig:
     eval_batches: int = opt(8, "micro-batches per validation pass", check=positive)
     out_dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, tensorboard/")
     precision: str = opt(
-        "auto", "auto = bf16 on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16", "fp16")
+        "auto", "auto = bf16 on CUDA, fp32 on CPU; fp16 uses dynamic loss scaling",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
+    global_batch: int = opt(
+        0, "sequences per optimizer step, kept when the world size changes (grad_accum is derived); 0 = "
+        "micro_batch_size x grad_accum x ranks", check=non_negative)
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    activation_checkpointing: int = opt(
+        0, "recompute every k-th block in the backward pass instead of storing its activations (0 = off)",
+        check=non_negative)
+    offload_optimizer: bool = opt(False, "keep optimizer states on the CPU (ZeRO-Offload; needs zero_stage >= 1)")
+    deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
 
 
 @dataclass

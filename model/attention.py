@@ -21,11 +21,11 @@ def cumulative_mean(x, dim=-2):
     Summed in at least fp32 so bf16 activations do not lose the running sum over long sequences.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
-    total = torch.cumsum(x.to(acc), dim=dim)
+    total = torch.cumsum(x, dim=dim, dtype=acc)
     shape = [1] * x.dim()
     shape[dim] = x.shape[dim]
     count = torch.arange(1, x.shape[dim] + 1, device=x.device, dtype=acc).view(shape)
-    return (total / count).to(x.dtype)
+    return total.div_(count).to(x.dtype)
 
 
 class SoftmaxMixer(nn.Module):

@@ -4,6 +4,7 @@ A join is called as join(x, branch) and returns the new stream. Similarity surge
 hidden-state transform placed at one of three sites (the block decides where).
 """
 
+import torch
 import torch.nn as nn
 
 from model.attention import cumulative_mean
@@ -21,7 +22,7 @@ class SimilaritySurgery(nn.Module):
         self.tau = tau
 
     def forward(self, x):
-        return x - self.tau * cumulative_mean(x)
+        return torch.sub(x, cumulative_mean(x), alpha=self.tau)
 
 
 class PostNorm(nn.Module):

@@ -9,6 +9,7 @@ Each rank-collapse fix plugs in at one seam:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from configs.schema import ModelConfig
 from model.attention import CausalSelfAttention
@@ -58,6 +59,8 @@ class Transformer(nn.Module):
         self.final_norm = final_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
+        # recompute every k-th block in backward (0 = off); set by the trainer, not part of the model
+        self.checkpoint_every = 0
         init_weights(self, cfg)
 
     def forward(self, idx):
@@ -65,8 +68,11 @@ class Transformer(nn.Module):
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         x = self.token_embedding(idx) + self.position_embedding(torch.arange(T, device=idx.device))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.lm_head(self.final_norm(x))
 
     def num_parameters(self):

@@ -11,9 +11,9 @@ TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.
               "train.micro_batch_size=8", "train.warmup_steps=5", "train.lr=3e-3", "train.eval_batches=2"]
 
 
-def run_cli(*args, check=True, timeout=600, env=None):
+def run_cli(*args, check=True, timeout=600, env=None, program=sys.executable):
     """Run a project command as a user would, from the checkout root."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([program, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stderr[-4000:]}")

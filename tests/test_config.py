@@ -19,11 +19,13 @@ def test_later_files_win_then_overrides(tmp_path):
     assert (cfg.model.n_layers, cfg.model.d_model, cfg.train.lr, cfg.model.surgery.tau) == (24, 96, 3e-4, 0.25)
 
 
-def test_presets_compose_and_vanilla_resets():
-    cfg = load_config(["configs/methods/shaped.yaml", "configs/methods/surgery.yaml"], ["model.n_layers=8"])
-    assert (cfg.model.attention, cfg.model.surgery.site, cfg.model.n_layers) == ("shaped", "residual", 8)
+def test_each_preset_alone_gives_its_method_and_keys_combine_them():
+    cfg = load_config(["configs/default.yaml", "configs/methods/shaped.yaml"], ["model.n_layers=8"])
+    assert (cfg.model.attention, cfg.model.surgery.site, cfg.model.n_layers, cfg.model.d_model) == ("shaped", "none", 8, 64)
     cfg = load_config(["configs/methods/shaped.yaml", "configs/methods/vanilla.yaml"])
     assert (cfg.model.attention, cfg.model.norm) == ("softmax", "post")
+    cfg = load_config(["configs/methods/shaped.yaml"], ["model.surgery.site=residual"])
+    assert (cfg.model.attention, cfg.model.surgery.site) == ("shaped", "residual")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -37,6 +39,9 @@ def test_presets_compose_and_vanilla_resets():
     (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
     (["model.spectral.lambda_min=2"], "model.spectral.lambda_min=2.0 exceeds model.spectral.lambda_max=1.0"),
     (["n_layers"], "bad override 'n_layers': write key=value"),
+    (["train.zero_stage=4"], "train.zero_stage=4 is not allowed: choose one of 0, 1, 2, 3"),
+    (["train.offload_optimizer=true"], "train.offload_optimizer=true needs train.zero_stage >= 1"),
+    (["train.deepspeed_config=nope.json"], "train.deepspeed_config='nope.json' not found"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,48 @@
+"""The DeepSpeed config generated from Fathom's, so that one YAML drives every launcher."""
+
+import json
+
+from configs import ConfigError
+
+
+def grad_accum_steps(train, world_size):
+    """Micro-steps per optimizer step. With train.global_batch set, derived so that the global batch
+    stays the same whatever the number of ranks (a resume on more or fewer GPUs sees the same data)."""
+    if not train.global_batch:
+        return train.grad_accum
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch_size="
+            f"{train.micro_batch_size} x {world_size} ranks: choose a multiple of {per_step}")
+    return train.global_batch // per_step
+
+
+def deepspeed_config(train, precision, grad_accum):
+    cfg = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Fathom logs itself (metrics.jsonl, TensorBoard, tqdm); DeepSpeed's own prints would interleave
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if train.offload_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        cfg["zero_force_ds_cpu_optimizer"] = False  # Fathom passes torch's AdamW
+    if train.deepspeed_config:
+        with open(train.deepspeed_config) as f:
+            merge(cfg, json.load(f))
+    return cfg
+
+
+def merge(base, extra):
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -1,0 +1,83 @@
+"""Two real processes on CPU (gloo) through the real launchers: deepspeed and torchrun agree, data
+parallelism equals gradient accumulation, ZeRO stages and activation checkpointing do not change
+the losses."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import load_config
+from launch.distributed import free_port
+from model import Transformer
+from tests.conftest import TINY_MODEL, run_cli
+
+STEPS = 6
+COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100"]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def launcher(name):
+    """(program, arguments before train.py) of each way to start a run."""
+    return {
+        "deepspeed": (DEEPSPEED, ["--num_gpus", "2", "--master_port", str(free_port())]),
+        "torchrun": (sys.executable, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]),
+        "python": (sys.executable, []),
+    }[name]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="session")
+def distributed_runs(tiny_data, tmp_path_factory):
+    """Each run once: name -> its logged losses."""
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {
+        "deepspeed-zero0": ("deepspeed", []),
+        "torchrun-zero0": ("torchrun", []),
+        "python-accum2": ("python", ["train.grad_accum=2"]),
+        "torchrun-zero1": ("torchrun", ["train.zero_stage=1"]),
+        "torchrun-zero2-checkpointing": ("torchrun", ["train.zero_stage=2", "train.activation_checkpointing=1"]),
+        "torchrun-zero3": ("torchrun", ["train.zero_stage=3"]),
+    }
+    out = {}
+    for name, (how, extra) in runs.items():
+        program, launch = launcher(how)
+        run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={tiny_data}", f"train.out_dir={root / name}",
+                program=program, env={"DS_ACCELERATOR": "cpu"})
+        out[name] = losses(root / name)
+    return out
+
+
+def test_deepspeed_and_torchrun_log_identical_losses(distributed_runs):
+    assert len(distributed_runs["torchrun-zero0"]) == STEPS
+    assert distributed_runs["deepspeed-zero0"] == distributed_runs["torchrun-zero0"]
+
+
+def test_two_ranks_equal_one_rank_with_grad_accum_2(distributed_runs):
+    assert distributed_runs["python-accum2"] == pytest.approx(distributed_runs["torchrun-zero0"], rel=1e-5)
+
+
+@pytest.mark.parametrize("run", ["torchrun-zero1", "torchrun-zero2-checkpointing", "torchrun-zero3"])
+def test_zero_stages_and_checkpointing_match_zero0(distributed_runs, run):
+    assert distributed_runs[run] == pytest.approx(distributed_runs["torchrun-zero0"], rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = load_config([], ["model.n_layers=4", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64"])
+    idx = torch.randint(0, 64, (2, 16))
+    results = []
+    for every in (0, 1, 2):
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        model.checkpoint_every = every
+        loss = model(idx).logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        assert loss == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
