@@ -4,18 +4,19 @@
     deepspeed --num_gpus N train.py ...      torchrun --nproc_per_node N train.py ...
 
 The story of a run: validate the config (before torch is imported), find or prepare the data,
-start the process group, build the model and its DeepSpeed engine, then loop: micro-batches ->
-optimizer step -> log -> evaluate. Everything is written into train.out_dir.
+check the checkpoint it resumes from, start the process group, build the model and its DeepSpeed
+engine, restore it, then loop: micro-batches -> optimizer step -> log -> evaluate -> checkpoint.
+Everything is written into train.out_dir.
 """
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 from configs import ConfigError, exit_on_error, load_config, to_yaml
+from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, grad_accum_steps
 from launch.distributed import fill_launcher_env
 
@@ -66,45 +67,6 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-class RunLog:
-    """metrics.jsonl, TensorBoard and the progress bar; every write happens on rank 0 only."""
-
-    def __init__(self, out_dir, enabled, total_steps):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
-        self.metrics = open(out_dir / "metrics.jsonl", "w")
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, mininterval=1.0)
-
-    def write(self, record, tb_prefix):
-        if not self.enabled:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(f"{tb_prefix}/{key}", value, record["step"])
-
-    def progress(self, step, **postfix):
-        if self.enabled:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
-
-    def info(self, message):
-        if self.enabled:
-            self.bar.write(message, file=sys.stderr)
-
-    def close(self):
-        if self.enabled:
-            self.bar.close()
-            self.tb.close()
-            self.metrics.close()
-
-
 def gradient_norm(engine, model):
     """The global gradient norm before clipping, or None where DeepSpeed records it itself.
 
@@ -125,10 +87,10 @@ def evaluate(engine, val_batches, device):
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for x, y in val_batches.batches(device):
-            logits = engine(x)
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            total[1] += y.numel()
+        for x, y, mask in val_batches.batches(device):
+            losses = F.cross_entropy(engine(x).float().transpose(1, 2), y, reduction="none")  # [B, T]
+            total[0] += (losses.sum(1) * mask).sum().double()
+            total[1] += mask.sum().double() * y.shape[1]
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
@@ -145,14 +107,46 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(cfg, data_path, meta, grad_accum):
+def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm):
+    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None)."""
+    import torch
+    import torch.nn.functional as F
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    grad_norm = None
+    for micro in range(grad_accum):
+        x, y = batches.micro_batch_at(first_sample, micro, engine.device)
+        loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
+        engine.backward(loss)
+        if want_grad_norm and micro == grad_accum - 1:
+            grad_norm = gradient_norm(engine, model)
+        engine.step()
+        loss_sum += loss.detach().double()
+    if want_grad_norm and grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return loss_sum, grad_norm
+
+
+def agreed_flags(flags, device):
+    """The max of each flag over all ranks, so every rank takes the same save/stop decision."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def train(cfg, data_path, meta, grad_accum, resume):
     import deepspeed
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from data.loader import TrainBatches, ValBatches
+    from launch.checkpoint import Checkpointer
     from launch.distributed import init_distributed
+    from launch.preemption import REQUEUE, StopSignal, request_requeue
+    from launch.run_log import RunLog
     from model import Transformer
 
     rank, world_size, _ = init_distributed()
@@ -171,52 +165,77 @@ def train(cfg, data_path, meta, grad_accum):
     model.checkpoint_every = t.activation_checkpointing
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(t, precision, grad_accum)
-    )
+    ds_config = deepspeed_config(t, precision, grad_accum)
+    if resume and resume.needs_universal(world_size):
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
+
+    checkpointer = Checkpointer(engine, cfg, rank, world_size, precision, meta["tokenizer"]["hash"])
+    checkpointer.remove_incomplete()
+    start_step, samples_seen = 0, 0
+    if resume:
+        checkpointer.load(resume)
+        start_step, samples_seen = resume.step, resume.marker["samples_seen"]
     batches = TrainBatches(data_path, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
     val_batches = ValBatches(data_path, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
     tokens_per_step = batches.global_batch * t.seq_len
 
-    log = RunLog(out_dir, rank == 0, t.max_steps)
+    log = RunLog(out_dir, rank == 0, t.max_steps, start_step)
     log.info(f"model: {model.num_parameters():,} parameters, {cfg.model.n_layers} layers, norm={cfg.model.norm}, "
              f"attention={cfg.model.attention}, weights={cfg.model.weights}, surgery={cfg.model.surgery.site}; "
              f"{world_size} rank(s) x micro batch {t.micro_batch_size} x grad accum {grad_accum} = global batch "
-             f"{batches.global_batch} x {t.seq_len} tokens, ZeRO-{t.zero_stage}, {precision}")
-    log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
-               "global_batch": batches.global_batch}, "data")
+             f"{batches.global_batch} x {t.seq_len} tokens, ZeRO-{t.zero_stage}, {precision}"
+             + (f"; resumed from {resume.path}" if resume else ""))
+    if not resume:
+        log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
+                   "global_batch": batches.global_batch}, "data")
 
-    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    stop = StopSignal(t.time_limit_minutes)
+    last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
     tick = time.perf_counter()
-    for step in range(t.max_steps):
-        step_loss.zero_()
+    for step in range(start_step, t.max_steps):
+        step_start = time.perf_counter()
         done = step + 1
         logging_step = done % t.log_every == 0 or done == t.max_steps
-        for micro in range(grad_accum):
-            x, y = batches.micro_batch_at(step, micro, device)
-            loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
-            engine.backward(loss)
-            if logging_step and micro == grad_accum - 1:
-                grad_norm = gradient_norm(engine, model)
-            engine.step()
-            step_loss += loss.detach().double()
+        loss_sum, grad_norm = train_step(engine, model, batches, samples_seen, grad_accum, logging_step)
+        samples_seen += batches.global_batch
         if logging_step:
-            dist.all_reduce(step_loss)
-            loss_value = step_loss.item() / (grad_accum * world_size)
+            dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / (grad_accum * world_size)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_in_window = t.log_every if done % t.log_every == 0 else done % t.log_every
-            grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_step * steps_in_window / elapsed, "peak_memory_mb": peak_memory_mb()}
+                      "tokens_per_s": tokens_per_step * min(steps_in_window, done - start_step) / elapsed,
+                      "samples": samples_seen, "peak_memory_mb": peak_memory_mb()}
             log.write(record, "train")
             log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"])
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = evaluate(engine, val_batches, device)
             log.write({"step": done, "val_loss": val_loss}, "val")
             log.info(f"step {done}: val_loss {val_loss:.4f} (unigram entropy {meta['unigram_entropy']:.4f})")
+
+        signalled, out_of_time, save_due = agreed_flags([
+            stop.signal is not None,
+            stop.out_of_time(time.perf_counter() - step_start, save_seconds),
+            t.save_every_minutes and time.monotonic() - last_save >= 60 * t.save_every_minutes,
+        ], device)
+        stopping = signalled or out_of_time or done == t.stop_at_step
+        if stopping or save_due or done == t.max_steps or (t.save_every and done % t.save_every == 0):
+            save_start = time.monotonic()
+            checkpointer.save(done, samples_seen)
+            last_save, save_seconds = time.monotonic(), time.monotonic() - save_start
+        if stopping:
+            why = "a signal" if signalled else "the time limit" if out_of_time else "train.stop_at_step"
+            log.info(f"saved step {done} and stopped for {why}; the same command resumes")
+            if signalled or out_of_time:
+                exit_code = REQUEUE
+                if rank == 0:
+                    request_requeue()
+            break
     log.close()
     dist.barrier()
+    return exit_code
 
 
 def main(argv=None):
@@ -226,7 +245,8 @@ def main(argv=None):
     data_path, meta = exit_on_error(resolve_data, cfg)
     _, world_size, _ = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
-    train(cfg, data_path, meta, grad_accum)
+    resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"])
+    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
-"""Print the reference of every config key as a Markdown table (pasted into README.md)."""
+"""The reference of every config key as a Markdown table, from the schema.
+
+    python -m configs                  print it
+    python -m configs --update-readme  rewrite the table between README.md's key markers
+"""
+
+import re
+import sys
+from pathlib import Path
 
 from configs import schema_fields
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def markdown_table():
@@ -11,5 +21,11 @@ def markdown_table():
     return "\n".join(rows)
 
 
+def update_readme():
+    text = README.read_text()
+    pattern = re.compile(r"(<!-- keys:[^\n]*-->\n).*?(\n<!-- /keys -->)", re.S)
+    README.write_text(pattern.sub(lambda m: m.group(1) + markdown_table() + m.group(2), text))
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    update_readme() if "--update-readme" in sys.argv else print(markdown_table())

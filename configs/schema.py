@@ -124,6 +124,15 @@ class TrainConfig:
         0, "recompute every k-th block in the backward pass instead of storing its activations (0 = off)",
         check=non_negative)
     offload_optimizer: bool = opt(False, "keep optimizer states on the CPU (ZeRO-Offload; needs zero_stage >= 1)")
+    save_every: int = opt(0, "steps between checkpoints (0 = only at the end and when stopped)", check=non_negative)
+    save_every_minutes: float = opt(0.0, "also checkpoint when this many minutes passed since the last save (0 = off)",
+                                    check=non_negative)
+    keep_last: int = opt(2, "complete checkpoints kept; older ones are deleted", check=positive)
+    resume: str = opt("auto", "auto = newest complete checkpoint in out_dir (else start afresh), none, or a checkpoint path")
+    stop_at_step: int = opt(0, "save and exit cleanly after this step; the LR schedule still follows max_steps (0 = off)",
+                            check=non_negative)
+    time_limit_minutes: float = opt(0.0, "save and exit (code 75) before this invocation's wall time runs out (0 = off)",
+                                    check=non_negative)
     deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
 
 

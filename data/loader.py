@@ -2,10 +2,11 @@
 
 A sample is a window of seq_len + 1 tokens (inputs and shifted targets) starting at a multiple of
 seq_len inside one shard. The training order is a permutation of all windows from (seed, epoch).
-Optimizer step s consumes global samples [s·G, (s+1)·G) with G the global batch; micro-step m on
-data-parallel rank r of W takes the micro batch at slot m·W + r. So 2 ranks × micro b and 1 rank ×
-accum 2 × micro b see the same samples per step, and the loader's whole state is the step number:
-a resumed run, on any number of ranks, continues the same sequence.
+An optimizer step that starts at global sample n consumes samples [n, n + G) with G the global
+batch (n = s·G at step s while G is fixed); micro-step m on data-parallel rank r of W takes the micro
+batch at slot m·W + r. So 2 ranks × micro b and 1 rank × accum 2 × micro b see the same samples per
+step, and the loader's whole state is n, the number of samples consumed: a resumed run, on any
+number of ranks, continues the same sequence with no sample skipped or repeated.
 """
 
 from pathlib import Path
@@ -67,7 +68,8 @@ def to_tensors(windows, device):
 
 
 class TrainBatches:
-    """micro_batch(step, micro) -> (inputs, targets) for this rank."""
+    """micro_batch_at(first_sample, micro) -> (inputs, targets) of this rank for the step that
+    starts at global sample `first_sample`."""
 
     def __init__(self, path, seq_len, micro_batch, grad_accum, world_size, rank, seed):
         self.data = TokenShards(path, "train", seq_len)
@@ -77,31 +79,39 @@ class TrainBatches:
         self.micro_batch, self.grad_accum, self.world_size, self.rank = micro_batch, grad_accum, world_size, rank
         self.global_batch = micro_batch * grad_accum * world_size
 
-    def sample_ids(self, step, micro):
+    def sample_ids(self, first_sample, micro):
         slot = micro * self.world_size + self.rank
-        start = step * self.global_batch + slot * self.micro_batch
+        start = first_sample + slot * self.micro_batch
         return np.arange(start, start + self.micro_batch, dtype=np.int64)
 
-    def micro_batch_at(self, step, micro, device="cpu"):
-        return to_tensors(self.data.windows(self.order(self.sample_ids(step, micro))), device)
+    def micro_batch_at(self, first_sample, micro, device="cpu"):
+        return to_tensors(self.data.windows(self.order(self.sample_ids(first_sample, micro))), device)
 
 
 class ValBatches:
-    """The first windows of the val split in file order, dealt round-robin to ranks: deterministic."""
+    """The first eval_batches × micro_batch windows of the val split in file order, dealt
+    round-robin to the ranks: the same sequences whatever the world size, so validation losses
+    (summed over ranks) compare across runs."""
 
     def __init__(self, path, seq_len, micro_batch, num_batches, world_size, rank):
         self.data = TokenShards(path, "val", seq_len)
-        per_pass = micro_batch * world_size
-        self.num_batches = min(num_batches, self.data.num_windows // per_pass)
-        if self.num_batches == 0:
-            raise ValueError(f"{path}: the val split holds fewer than {per_pass} sequences of {seq_len + 1} tokens")
+        self.num_windows = min(num_batches * micro_batch, self.data.num_windows)
+        if self.num_windows == 0:
+            raise ValueError(f"{path}: the val split is shorter than one sequence of {seq_len + 1} tokens")
         self.micro_batch, self.world_size, self.rank = micro_batch, world_size, rank
 
     def __iter__(self):
-        for k in range(self.num_batches):
-            start = (k * self.world_size + self.rank) * self.micro_batch
-            yield np.arange(start, start + self.micro_batch, dtype=np.int64)
+        """(window ids, which of them count): every rank runs the same number of batches (ZeRO-3
+        gathers parameters collectively in each forward), padding its last one with uncounted rows."""
+        per_rank = -(-self.num_windows // self.world_size)
+        mine = self.rank + self.world_size * np.arange(per_rank, dtype=np.int64)
+        counted = mine < self.num_windows
+        ids = np.where(counted, mine, 0)
+        for i in range(0, per_rank, self.micro_batch):
+            yield ids[i : i + self.micro_batch], counted[i : i + self.micro_batch]
 
     def batches(self, device="cpu"):
-        for ids in self:
-            yield to_tensors(self.data.windows(ids), device)
+        """(inputs, targets, mask) with mask 1.0 for the rows that count."""
+        for ids, counted in self:
+            x, y = to_tensors(self.data.windows(ids), device)
+            yield x, y, torch.from_numpy(counted.astype(np.float32)).to(device)

@@ -140,12 +140,14 @@ def test_ranks_split_the_global_batch_and_a_resume_continues_it(tiny_data):
 
     one = loader(1, 0, accum=2)
     r0, r1 = loader(2, 0, accum=1), loader(2, 1, accum=1)
+    G = one.global_batch
+    assert G == r0.global_batch == 8
     for step in (0, 1, 57):
-        x1 = np.concatenate([one.micro_batch_at(step, m)[0].numpy() for m in range(2)])
-        a, b = r0.micro_batch_at(step, 0)[0].numpy(), r1.micro_batch_at(step, 0)[0].numpy()
+        x1 = np.concatenate([one.micro_batch_at(step * G, m)[0].numpy() for m in range(2)])
+        a, b = r0.micro_batch_at(step * G, 0)[0].numpy(), r1.micro_batch_at(step * G, 0)[0].numpy()
         assert np.array_equal(np.concatenate([a, b]), x1)  # union of the ranks = the 1-rank step
         assert set(map(tuple, a)).isdisjoint(map(tuple, b))
-    # the loader's state is the step: a fresh loader asked for step 57 continues exactly
-    assert np.array_equal(loader(1, 0, 2).micro_batch_at(57, 1)[0], one.micro_batch_at(57, 1)[0])
-    x, y = one.micro_batch_at(3, 0)
+    # the loader's state is the samples consumed: a fresh loader continues exactly, whatever its world size
+    assert np.array_equal(loader(1, 0, 2).micro_batch_at(57 * G, 1)[0], one.micro_batch_at(57 * G, 1)[0])
+    x, y = one.micro_batch_at(3 * G, 0)
     assert np.array_equal(x[:, 1:], y[:, :-1])

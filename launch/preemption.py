@@ -1,0 +1,40 @@
+"""Stop cleanly when the cluster says so: SIGTERM (preemption, scancel) and SIGUSR1 (SLURM's
+warning before the time limit, `#SBATCH --signal=USR1@300`), or this invocation's own wall-time
+budget. The run then saves at the next step boundary, exits with REQUEUE and, where the SLURM
+scripts in launch/ set $FATHOM_REQUEUE_FILE, creates that file; the script answers with
+`scontrol requeue`, and the requeued job resumes from the checkpoint. (The file, not the exit code,
+is what the scripts read: torchrun turns any non-zero exit of its workers into 1.)
+"""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+REQUEUE = 75  # EX_TEMPFAIL: "saved, start me again"
+
+
+def request_requeue():
+    path = os.environ.get("FATHOM_REQUEUE_FILE")
+    if path:
+        Path(path).touch()
+
+
+class StopSignal:
+    def __init__(self, time_limit_minutes=0):
+        self.signal = None
+        self.started = time.monotonic()
+        self.budget = time_limit_minutes * 60
+        self.slowest_step = 0.0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def out_of_time(self, step_seconds, save_seconds):
+        """True when another step plus a save might not fit in the wall-time budget."""
+        if not self.budget:
+            return False
+        self.slowest_step = max(self.slowest_step, step_seconds)
+        return time.monotonic() - self.started + 2 * self.slowest_step + 2 * save_seconds > self.budget

@@ -1,0 +1,61 @@
+"""metrics.jsonl, TensorBoard and the progress bar of a run; every write happens on rank 0 only.
+
+A resumed run continues the same files: metrics.jsonl loses the lines logged after the checkpoint
+it resumes from (they will be logged again), and TensorBoard purges those steps, so no step
+appears twice.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def truncate_metrics(path, last_step):
+    """Keep the lines of steps <= last_step; rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+class RunLog:
+    def __init__(self, out_dir, enabled, total_steps, start_step=0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        out_dir = Path(out_dir)
+        metrics = out_dir / "metrics.jsonl"
+        if start_step:
+            truncate_metrics(metrics, start_step)
+        self.metrics = open(metrics, "a" if start_step else "w")
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, record, tb_prefix):
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(f"{tb_prefix}/{key}", value, record["step"])
+
+    def progress(self, step, **postfix):
+        if self.enabled:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+    def info(self, message):
+        if self.enabled:
+            self.bar.write(message, file=sys.stderr)
+
+    def close(self):
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+            self.metrics.close()

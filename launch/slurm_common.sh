@@ -1,0 +1,33 @@
+# Sourced by the sbatch scripts in launch/: the job's remaining wall time for
+# train.time_limit_minutes, and the requeue that continues a run which stopped to save.
+
+# Minutes left in this allocation, less a margin for start-up: train.py saves and exits
+# (code 75) before this budget runs out, so the job never dies mid-step.
+time_left_minutes() {
+  local left d=0 h=0 m=0 s=0
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L)
+  case "$left" in
+    *-*) d=${left%%-*}; left=${left#*-} ;;
+  esac
+  IFS=: read -r -a parts <<< "$left"
+  case ${#parts[@]} in
+    3) h=${parts[0]}; m=${parts[1]}; s=${parts[2]} ;;
+    2) m=${parts[0]}; s=${parts[1]} ;;
+    1) s=${parts[0]} ;;
+  esac
+  echo $(( (10#$d * 1440 + 10#$h * 60 + 10#$m) - ${FATHOM_MARGIN_MINUTES:-10} ))
+}
+
+# train.py creates $FATHOM_REQUEUE_FILE when it saved and stopped early (SIGTERM/SIGUSR1 or its
+# time limit): put the job back in the queue; the next start resumes (train.resume=auto).
+export FATHOM_REQUEUE_FILE="${SLURM_SUBMIT_DIR}/.fathom-requeue-${SLURM_JOB_ID}"
+rm -f "$FATHOM_REQUEUE_FILE"
+requeue_if_asked() {
+  if [ -f "$FATHOM_REQUEUE_FILE" ]; then
+    rm -f "$FATHOM_REQUEUE_FILE"
+    echo "fathom: saved and stopped early; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  exit "$1"
+}

@@ -1,0 +1,168 @@
+"""Checkpoints and exact resume: bitwise on CPU, across kill -9 and SIGTERM, from 2 ranks to 1,
+and one clear error for every mismatch."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.checkpoint import MARKER
+from launch.preemption import REQUEUE
+from tests.conftest import ROOT, TINY_MODEL, run_cli
+from tests.test_distributed import launcher
+
+STEPS, STOP = 6, 3
+COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100"]
+
+
+def records(out_dir):
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in records(out_dir)]
+
+
+def train(how, out_dir, data, *extra, check=True):
+    program, launch = launcher(how)
+    return run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={data}", f"train.out_dir={out_dir}",
+                   program=program, env={"DS_ACCELERATOR": "cpu"}, check=check)
+
+
+@pytest.fixture(scope="session")
+def resumed_runs(tiny_data, tmp_path_factory):
+    """(launcher, ZeRO stage) -> (out_dir of the straight run, out_dir of the stopped-and-resumed run).
+    Also keeps a copy of the 2-rank ZeRO-2 run as it was when stopped, for the 2 -> 1 resume."""
+    root = tmp_path_factory.mktemp("resume")
+    out = {}
+    for how, zero in [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)]:
+        straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
+        train(how, straight, tiny_data, f"train.zero_stage={zero}")
+        train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")
+        if (how, zero) == ("torchrun", 2):
+            shutil.copytree(cut, root / "stopped-2-ranks")
+        train(how, cut, tiny_data, f"train.zero_stage={zero}")
+        out[how, zero] = straight, cut
+    out["stopped-2-ranks"] = root / "stopped-2-ranks"
+    return out
+
+
+@pytest.mark.parametrize("how,zero", [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)])
+def test_stop_and_resume_is_bitwise_identical(resumed_runs, how, zero):
+    straight, cut = resumed_runs[how, zero]
+    assert len(losses(straight)) == STEPS
+    assert losses(cut) == losses(straight)  # exact float equality, steps 1..STEPS, none repeated
+    assert [r["step"] for r in records(cut)] == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step_*[0-9]")) == ["step_00000003", "step_00000006"]
+
+
+def test_two_ranks_resume_on_one(resumed_runs, tiny_data):
+    """Saved by 2 ranks with ZeRO-2, continued by 1 rank through DeepSpeed's universal checkpoint;
+    train.global_batch keeps the global batch, so the sample sequence continues unchanged."""
+    stopped = resumed_runs["stopped-2-ranks"]
+    straight, _ = resumed_runs["torchrun", 2]
+    proc = train("python", stopped, tiny_data, "train.zero_stage=2", "train.global_batch=8")
+    assert "grad accum 2" in proc.stderr
+    resumed = records(stopped)
+    assert [r["samples"] for r in resumed] == [r["samples"] for r in records(straight)]
+    assert [r["loss"] for r in resumed] == pytest.approx(losses(straight), rel=1e-5)
+    assert (stopped / "checkpoints" / "step_00000003_universal").is_dir()
+
+
+def wait_for_step(proc, metrics, step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.is_file() and any(json.loads(x).get("step", 0) >= step and "loss" in json.loads(x)
+                                     for x in metrics.read_text().splitlines() if x.strip()):
+            return
+        assert proc.poll() is None, "the run ended before the kill point"
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was not reached")
+
+
+def start(out_dir, data, *extra):
+    args = [*COMMON, "train.max_steps=40", "train.save_every=5", *extra, f"data.path={data}", f"train.out_dir={out_dir}"]
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+
+def test_kill_9_at_several_points_then_resume_continues_exactly(tiny_data, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    start(reference, tiny_data).wait()
+    for kill_at in (8, 17):
+        proc = start(killed, tiny_data)
+        wait_for_step(proc, killed / "metrics.jsonl", kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a kill during a save: the newest folder is partial (no marker, a truncated file)
+    newest = sorted((killed / "checkpoints").glob("step_*"))[-1]
+    partial = killed / "checkpoints" / "step_00000030"
+    shutil.copytree(newest, partial)
+    (partial / MARKER).unlink()
+    states = partial / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:100])
+    proc = start(killed, tiny_data)
+    assert proc.wait() == 0, proc.stderr.read()[-3000:]
+    assert [r["step"] for r in records(killed)] == list(range(1, 41))
+    assert losses(killed) == losses(reference)
+
+
+def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, tiny_data, "train.save_every=0")
+    wait_for_step(proc, out / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == REQUEUE
+    saved = sorted((out / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / MARKER).is_file()
+    step = json.loads((saved[0] / MARKER).read_text())["step"]
+    assert step >= 3 and records(out)[-1]["step"] == step
+    proc = start(out, tiny_data, "train.save_every=0", f"train.max_steps={step + 2}")
+    assert proc.wait() == 0
+    assert [r["step"] for r in records(out)][-3:] == [step, step + 1, step + 2]
+
+
+@pytest.fixture
+def finished_run(resumed_runs, tmp_path):
+    _, cut = resumed_runs["python", 0]  # complete checkpoints at steps 3 and 6
+    copy = tmp_path / "finished"
+    shutil.copytree(cut, copy)
+    return copy
+
+
+def expect_error(out_dir, data, *extra):
+    proc = train("python", out_dir, data, *extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_mismatched_model_is_refused(finished_run, tiny_data):
+    line = expect_error(finished_run, tiny_data, "model.n_layers=3")
+    assert "saved with model.n_layers=2, this run has 3" in line
+
+
+def test_data_with_another_tokenizer_is_refused(finished_run, tiny_data, tmp_path):
+    other, text = tmp_path / "other", tmp_path / "text"
+    text.mkdir()
+    for i in range(4):
+        (text / f"{i}.txt").write_text(f"another corpus, document {i}: " + "lorem ipsum dolor sit amet " * 200)
+    run_cli("-m", "data.prepare", "--input", str(text), "--output", str(other), "--vocab-size", "300",
+            "--val-fraction", "0.5")
+    line = expect_error(finished_run, other)
+    assert "was trained on data with another tokenizer" in line
+
+
+def test_missing_file_names_it_and_the_last_good_checkpoint(finished_run, tiny_data):
+    ckpts = finished_run / "checkpoints"
+    (ckpts / "step_00000006" / "mp_rank_00_model_states.pt").unlink()
+    line = expect_error(finished_run, tiny_data)
+    assert "step_00000006 is missing mp_rank_00_model_states.pt" in line
+    assert f"the last good checkpoint is {ckpts / 'step_00000003'}" in line
