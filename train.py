@@ -107,8 +107,9 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm):
-    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None)."""
+def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm, before_step=None):
+    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None).
+    before_step, if given, runs after the last backward, before the optimizer step (monitors)."""
     import torch
     import torch.nn.functional as F
 
@@ -118,8 +119,11 @@ def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm)
         x, y = batches.micro_batch_at(first_sample, micro, engine.device)
         loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
         engine.backward(loss)
-        if want_grad_norm and micro == grad_accum - 1:
-            grad_norm = gradient_norm(engine, model)
+        if micro == grad_accum - 1:
+            if want_grad_norm:
+                grad_norm = gradient_norm(engine, model)
+            if before_step:
+                before_step()
         engine.step()
         loss_sum += loss.detach().double()
     if want_grad_norm and grad_norm is None:
@@ -148,6 +152,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from launch.preemption import REQUEUE, StopSignal, request_requeue
     from launch.run_log import RunLog
     from model import Transformer
+    from model.monitors import CollapseMonitor
 
     rank, world_size, _ = init_distributed()
     from deepspeed.accelerator import get_accelerator
@@ -190,6 +195,13 @@ def train(cfg, data_path, meta, grad_accum, resume):
     if not resume:
         log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
                    "global_batch": batches.global_batch}, "data")
+    monitor = None
+    if cfg.monitor.every:
+        probe = ValBatches(data_path, t.seq_len, cfg.monitor.batch, 1, 1, 0)
+        probe_tokens = next(probe.batches(device))[0]
+        monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, out_dir, log, start_step)
+        if start_step == 0:
+            monitor.record(0)
 
     stop = StopSignal(t.time_limit_minutes)
     last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
@@ -198,8 +210,12 @@ def train(cfg, data_path, meta, grad_accum, resume):
         step_start = time.perf_counter()
         done = step + 1
         logging_step = done % t.log_every == 0 or done == t.max_steps
-        loss_sum, grad_norm = train_step(engine, model, batches, samples_seen, grad_accum, logging_step)
+        monitoring = monitor is not None and monitor.due(done)
+        loss_sum, grad_norm = train_step(engine, model, batches, samples_seen, grad_accum, logging_step,
+                                         monitor.before_step if monitoring else None)
         samples_seen += batches.global_batch
+        if monitoring:
+            monitor.record(done)
         if logging_step:
             dist.all_reduce(loss_sum)
             loss_value = loss_sum.item() / (grad_accum * world_size)
@@ -209,7 +225,8 @@ def train(cfg, data_path, meta, grad_accum, resume):
                       "tokens_per_s": tokens_per_step * min(steps_in_window, done - start_step) / elapsed,
                       "samples": samples_seen, "peak_memory_mb": peak_memory_mb()}
             log.write(record, "train")
-            log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"])
+            deepest = {"deep_cos": monitor.deepest_cos} if monitor and monitor.deepest_cos is not None else {}
+            log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"], **deepest)
         if done % t.eval_every == 0 or done == t.max_steps:
             val_loss = evaluate(engine, val_batches, device)
             log.write({"step": done, "val_loss": val_loss}, "val")

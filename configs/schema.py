@@ -144,7 +144,16 @@ class DataConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = opt(100, "steps between per-layer collapse measurements (also at step 0; 0 = off)", check=non_negative)
+    collapse_threshold: float = opt(0.9, "warn once per layer when its token cosine similarity reaches this",
+                                    check=unit_interval)
+    batch: int = opt(4, "held-out sequences (of train.seq_len tokens) in the probe batch", check=positive)
+
+
+@dataclass
 class FathomConfig:
     model: ModelConfig = sub(ModelConfig, "the Transformer")
     train: TrainConfig = sub(TrainConfig, "the training run")
     data: DataConfig = sub(DataConfig, "the training data")
+    monitor: MonitorConfig = sub(MonitorConfig, "per-layer collapse monitors")

@@ -28,6 +28,19 @@ def cumulative_mean(x, dim=-2):
     return total.div_(count).to(x.dtype)
 
 
+def causal_softmax(q, k, scale):
+    """The explicit [.., T, T] causal attention probabilities: for monitors and tests, never training."""
+    T = q.shape[-2]
+    logits = (q @ k.transpose(-1, -2)) * scale
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(logits.masked_fill(mask, float("-inf")), dim=-1)
+
+
+def causal_uniform(T, device=None, dtype=None):
+    """C as an explicit matrix: C_ij = 1/i for j <= i (for monitors and tests)."""
+    return torch.ones(T, T, device=device, dtype=dtype).tril() / torch.arange(1, T + 1, device=device, dtype=dtype)[:, None]
+
+
 class SoftmaxMixer(nn.Module):
     """Vanilla causal softmax attention: softmax(q k^T / sqrt(d_head) + M) v."""
 
@@ -39,6 +52,11 @@ class SoftmaxMixer(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    def attention_matrices(self, q, k):
+        """(softmax probabilities P, the effective mixing matrix A with out = A v), explicit T×T."""
+        p = causal_softmax(q, k, q.shape[-1] ** -0.5)
+        return p, p
+
 
 class GapFreeMixer(SoftmaxMixer):
     """Spectral-gap removal, "Mind the Gap" (Naderi et al., arXiv 2410.07799): (A - C) v.
@@ -49,6 +67,10 @@ class GapFreeMixer(SoftmaxMixer):
 
     def forward(self, q, k, v):
         return super().forward(q, k, v) - cumulative_mean(v)
+
+    def attention_matrices(self, q, k):
+        p, _ = super().attention_matrices(q, k)
+        return p, p - causal_uniform(q.shape[-2], q.device, p.dtype)
 
 
 class ShapedMixer(nn.Module):
@@ -75,6 +97,13 @@ class ShapedMixer(nn.Module):
         per_head = lambda g: g.view(1, -1, 1, 1)  # noqa: E731
         return per_head(self.alpha) * v + per_head(self.beta) * attended - per_head(self.gamma) * cumulative_mean(v)
 
+    def attention_matrices(self, q, k):
+        T = q.shape[-2]
+        p = causal_softmax(q, k, self.scale)
+        per_head = lambda g: g.view(-1, 1, 1).to(p.dtype)  # noqa: E731
+        eye, c = torch.eye(T, device=q.device, dtype=p.dtype), causal_uniform(T, q.device, p.dtype)
+        return p, per_head(self.alpha) * eye + per_head(self.beta) * p - per_head(self.gamma) * c
+
 
 MIXERS = {"softmax": SoftmaxMixer, "gapfree": GapFreeMixer, "shaped": ShapedMixer}
 
@@ -89,6 +118,11 @@ class CausalSelfAttention(nn.Module):
         self.value_output = VALUE_OUTPUT[cfg.weights](cfg)
         self.mixer = MIXERS[cfg.attention](cfg)
         self.out_transform = out_transform
+
+    def queries_keys(self, x):
+        """Per-head q, k for input x (what the monitors use to rebuild the attention matrix)."""
+        q, k = self.query_key(x).split(x.shape[-1], dim=-1)
+        return self.split_heads(q), self.split_heads(k)
 
     def split_heads(self, x):
         B, T, d = x.shape

@@ -30,11 +30,31 @@ def stable_rank(x):
     return (x.pow(2).sum((1, 2)) / torch.linalg.matrix_norm(x, ord=2).pow(2)).mean().item()
 
 
+def stable_rank4(x):
+    """sum sigma_i^4 / sigma_1^4 = stable rank of X X^T, the variant "Mind the Gap" reports."""
+    s = torch.linalg.svdvals(x.double())
+    return ((s / s[..., :1]).pow(4).sum(-1)).mean().item()
+
+
 def rms(x):
     return x.double().pow(2).mean().sqrt().item()
 
 
-HIDDEN_STATE_METRICS = {"cos_sim": cos_sim, "t_sim": t_sim, "stable_rank": stable_rank, "rms": rms}
+HIDDEN_STATE_METRICS = {"cos_sim": cos_sim, "t_sim": t_sim, "stable_rank": stable_rank, "stable_rank4": stable_rank4,
+                        "rms": rms}
+
+
+def attention_entropy(p):
+    """Mean entropy (nats) of the attention rows of each head, P [B, H, T, T] -> list of H floats."""
+    p = p.double()
+    return (-(p * p.clamp_min(1e-300).log()).sum(-1)).mean((0, 2)).tolist()
+
+
+def sigma_ratio(a):
+    """sigma_2 / sigma_1 of each effective attention matrix, averaged over batch and heads. Singular
+    values, not eigenvalues: a causal A is triangular, its eigenvalues are just its diagonal."""
+    s = torch.linalg.svdvals(a.double())
+    return (s[..., 1] / s[..., 0]).mean().item()
 
 
 def layer_metrics(hidden_states):

@@ -35,5 +35,5 @@ def tiny_run(tiny_data, tmp_path_factory):
     """One short training run through train.py, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("runs") / "tiny"
     run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=40",
-            "train.log_every=5", "train.eval_every=20")
+            "train.log_every=5", "train.eval_every=20", "monitor.every=10")
     return out

@@ -15,7 +15,9 @@ from model import Transformer
 from tests.conftest import TINY_MODEL, run_cli
 
 STEPS = 6
-COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100"]
+# monitor.every=3: every launcher and ZeRO stage also runs the monitors' collective gradient reads
+COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100",
+          "monitor.every=3"]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 

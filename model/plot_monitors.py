@@ -1,0 +1,79 @@
+"""Turn a run's monitors.jsonl into PNGs: each metric vs depth at chosen steps, and a layer × step heatmap.
+
+    python -m model.plot_monitors --run OUT_DIR [--steps 0,500,1000] [--metrics cos_sim,stable_rank] [--output DIR]
+
+Writes DIR/<metric>_vs_depth.png and DIR/<metric>_heatmap.png (DIR defaults to OUT_DIR/plots).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from model.monitors import metric_grid, read_monitor_lines
+
+DEFAULT_METRICS = "cos_sim,t_sim,stable_rank,rms,attn_sigma_ratio,grad_norm,update_ratio"
+
+
+def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, title=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    history = read_monitor_lines(Path(run) / "monitors.jsonl")
+    if not history:
+        raise FileNotFoundError(f"{run} has no monitors.jsonl records: train with monitor.every > 0")
+    output = Path(output or Path(run) / "plots")
+    output.mkdir(parents=True, exist_ok=True)
+    recorded = [r["step"] for r in history]
+    steps = steps or sorted({recorded[0], recorded[len(recorded) // 2], recorded[-1]})
+    title = title or Path(run).name
+    written = []
+    for metric in metrics:
+        grid, grid_steps = metric_grid(history, metric)
+        if np.isnan(grid).all():
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for step in steps:
+            if step in grid_steps:
+                ax.plot(grid[:, grid_steps.index(step)], label=f"step {step}")
+        ax.set(xlabel="layer", ylabel=metric, title=f"{title}: {metric} vs depth")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(output / f"{metric}_vs_depth.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+                          extent=(grid_steps[0], grid_steps[-1], -0.5, grid.shape[0] - 0.5),
+                          vmin=0 if metric == "cos_sim" else None, vmax=1 if metric == "cos_sim" else None)
+        fig.colorbar(image, ax=ax, label=metric)
+        ax.set(xlabel="step", ylabel="layer", title=f"{title}: {metric}")
+        fig.tight_layout()
+        written.append(output / f"{metric}_heatmap.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="a run directory (train.out_dir)")
+    ap.add_argument("--steps", help="comma-separated monitor steps for the vs-depth plots (default: first, middle, last)")
+    ap.add_argument("--metrics", default=DEFAULT_METRICS)
+    ap.add_argument("--output", help="folder for the PNGs (default: RUN/plots)")
+    ap.add_argument("--title")
+    args = ap.parse_args(argv)
+    try:
+        written = plot_run(args.run, [int(s) for s in args.steps.split(",")] if args.steps else None,
+                           args.metrics.split(","), args.output, args.title)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("\n".join(map(str, written)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Collapse metrics on inputs with known answers, the monitor's outputs, and that monitoring does
+not change the training trajectory."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from configs import load_config
+from model import Transformer
+from model.attention import MIXERS
+from model.metrics import attention_entropy, cos_sim, sigma_ratio, stable_rank, stable_rank4, t_sim
+from model.monitors import CollapseMonitor
+from tests.conftest import TINY_MODEL, run_cli
+from tests.test_train import read_jsonl
+
+
+def test_cos_sim_identical_and_orthogonal_tokens():
+    v = torch.randn(1, 1, 8)
+    assert cos_sim(v.expand(2, 5, 8)) == pytest.approx(1.0)
+    assert cos_sim(torch.eye(6).unsqueeze(0)) == pytest.approx(0.0, abs=1e-12)
+    assert t_sim(v.expand(2, 5, 8)) == pytest.approx(1.0)
+
+
+def test_stable_rank_of_known_singular_values():
+    U, _ = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    s = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    x = (U[:, :5] * s) @ V.T
+    assert stable_rank(x[None]) == pytest.approx((s**2).sum().item() / 9)
+    assert stable_rank4(x[None]) == pytest.approx((s**4).sum().item() / 81)
+
+
+def test_attention_entropy_and_sigma_ratio():
+    T = 4
+    uniform = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]
+    assert attention_entropy(uniform[None, None]) == pytest.approx([sum(math.log(i) for i in range(1, T + 1)) / T])
+    assert sigma_ratio(torch.diag(torch.tensor([2.0, 1.0, 0.5]))[None, None]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "gapfree", "shaped"])
+def test_monitor_attention_matrix_is_the_one_training_uses(attention):
+    cfg = load_config([], [f"model.attention={attention}", "model.d_model=16", "model.n_heads=4"]).model
+    mixer = MIXERS[attention](cfg)
+    q, k, v = (torch.randn(2, 4, 9, 4, dtype=torch.float64) for _ in range(3))
+    _, a = mixer.attention_matrices(q, k)
+    assert torch.allclose(a @ v, mixer(q, k, v), atol=1e-10)
+
+
+class FakeLog:
+    enabled = True
+
+    def __init__(self):
+        self.messages, self.scalars, self.images = [], {}, {}
+        self.tb = self
+
+    def info(self, message):
+        self.messages.append(message)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag, step] = value
+
+    def add_image(self, tag, image, step, dataformats):
+        self.images[tag, step] = image
+
+
+def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
+    cfg = load_config([], ["model.n_layers=12", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
+                           "model.init=fanin", "monitor.collapse_threshold=0.9"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)  # vanilla post-norm with fan-in init: deep layers collapse at init
+    log = FakeLog()
+    monitor = CollapseMonitor(model, model, torch.randint(0, 64, (2, 16)), cfg.monitor, tmp_path, log)
+    monitor.record(0)
+    monitor.record(10)
+    lines = [json.loads(line) for line in (tmp_path / "monitors.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 10] and len(lines[0]["layers"]) == 12
+    collapsed = [layer["layer"] for layer in lines[0]["layers"] if layer["cos_sim"] >= 0.9]
+    assert collapsed and len(log.messages) == len(collapsed)  # once per layer, not per record
+    assert f"layer {collapsed[0]} crossed cos_sim 0.9 at step 0" in log.messages[0]
+    assert ("collapse/cos_sim/layer_0011", 10) in log.scalars
+    assert log.images["collapse_heatmap/cos_sim", 10].shape == (12 * 4, 2 * 4, 3)
+
+
+@pytest.fixture(scope="session")
+def unmonitored_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "unmonitored"
+    run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=40",
+            "train.log_every=5", "train.eval_every=20", "monitor.every=0")
+    return out
+
+
+def test_monitors_do_not_change_the_trajectory(tiny_run, unmonitored_run):
+    monitored = [r["loss"] for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
+    plain = [r["loss"] for r in read_jsonl(unmonitored_run / "metrics.jsonl") if "loss" in r]
+    assert monitored == plain
+    assert not (unmonitored_run / "monitors.jsonl").exists()
+
+
+def test_monitor_file_and_plots_of_a_real_run(tiny_run, tmp_path):
+    lines = read_jsonl(tiny_run / "monitors.jsonl")
+    assert [r["step"] for r in lines] == [0, 10, 20, 30, 40]
+    keys = {"layer", "cos_sim", "t_sim", "stable_rank", "stable_rank4", "rms", "attn_entropy", "attn_sigma_ratio",
+            "grad_norm", "update_ratio"}
+    assert set(lines[1]["layers"][0]) == keys and len(lines[1]["layers"][0]["attn_entropy"]) == 2
+    assert all(0 < layer["update_ratio"] < 1 and layer["grad_norm"] > 0 for layer in lines[1]["layers"])
+    proc = run_cli("-m", "model.plot_monitors", "--run", str(tiny_run), "--output", str(tmp_path), "--metrics", "cos_sim")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cos_sim_heatmap.png", "cos_sim_vs_depth.png"]
+    assert "cos_sim_heatmap.png" in proc.stdout
