@@ -107,7 +107,7 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm, before_step=None):
+def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want_grad_norm, before_step=None):
     """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None).
     before_step, if given, runs after the last backward, before the optimizer step (monitors)."""
     import torch
@@ -115,17 +115,19 @@ def train_step(engine, model, batches, first_sample, grad_accum, want_grad_norm,
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     grad_norm = None
+    optimizer.skipped = False
     for micro in range(grad_accum):
         x, y = batches.micro_batch_at(first_sample, micro, engine.device)
         loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
         engine.backward(loss)
+        loss_sum += loss.detach().double()
         if micro == grad_accum - 1:
+            optimizer.loss_finite = bool(torch.isfinite(loss_sum))
             if want_grad_norm:
                 grad_norm = gradient_norm(engine, model)
             if before_step:
                 before_step()
         engine.step()
-        loss_sum += loss.detach().double()
     if want_grad_norm and grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return loss_sum, grad_norm
@@ -149,6 +151,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from data.loader import TrainBatches, ValBatches
     from launch.checkpoint import Checkpointer
     from launch.distributed import init_distributed
+    from launch.nonfinite import DIVERGED, FaultInjection, GuardedAdamW, agreed_min_layer, describe, first_nonfinite_layer
     from launch.preemption import REQUEUE, StopSignal, request_requeue
     from launch.run_log import RunLog
     from model import Transformer
@@ -168,7 +171,8 @@ def train(cfg, data_path, meta, grad_accum, resume):
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model)
     model.checkpoint_every = t.activation_checkpointing
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    injection = FaultInjection(t.inject_nonfinite, model) if t.inject_nonfinite else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ds_config = deepspeed_config(t, precision, grad_accum)
     if resume and resume.needs_universal(world_size):
@@ -205,14 +209,26 @@ def train(cfg, data_path, meta, grad_accum, resume):
 
     stop = StopSignal(t.time_limit_minutes)
     last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
+    bad_in_a_row = bad_total = 0
     tick = time.perf_counter()
     for step in range(start_step, t.max_steps):
         step_start = time.perf_counter()
         done = step + 1
         logging_step = done % t.log_every == 0 or done == t.max_steps
         monitoring = monitor is not None and monitor.due(done)
-        loss_sum, grad_norm = train_step(engine, model, batches, samples_seen, grad_accum, logging_step,
+        if injection:
+            injection.step = done
+        loss_sum, grad_norm = train_step(engine, model, optimizer, batches, samples_seen, grad_accum, logging_step,
                                          monitor.before_step if monitoring else None)
+        if optimizer.skipped:
+            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            x, _ = batches.micro_batch_at(samples_seen, 0, device)
+            where = describe(model, agreed_min_layer(first_nonfinite_layer(model, engine, x), device), optimizer.bad_params)
+            log.write({"step": done, "skipped": True, "nonfinite": where, "bad_steps": bad_total}, "guard")
+            log.info(f"step {done}: non-finite loss or gradient, first in {where}; step skipped "
+                     f"({bad_in_a_row} in a row, {bad_total} in all)")
+        else:
+            bad_in_a_row = 0
         samples_seen += batches.global_batch
         if monitoring:
             monitor.record(done)
@@ -237,12 +253,18 @@ def train(cfg, data_path, meta, grad_accum, resume):
             stop.out_of_time(time.perf_counter() - step_start, save_seconds),
             t.save_every_minutes and time.monotonic() - last_save >= 60 * t.save_every_minutes,
         ], device)
-        stopping = signalled or out_of_time or done == t.stop_at_step
+        diverged = bad_in_a_row >= t.max_bad_steps
+        stopping = signalled or out_of_time or diverged or done == t.stop_at_step
         if stopping or save_due or done == t.max_steps or (t.save_every and done % t.save_every == 0):
             save_start = time.monotonic()
             checkpointer.save(done, samples_seen)
             last_save, save_seconds = time.monotonic(), time.monotonic() - save_start
         if stopping:
+            if diverged:
+                log.info(f"stopped: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps), first in {where}; "
+                         f"the checkpoint of step {done} holds the last good weights")
+                exit_code = DIVERGED
+                break
             why = "a signal" if signalled else "the time limit" if out_of_time else "train.stop_at_step"
             log.info(f"saved step {done} and stopped for {why}; the same command resumes")
             if signalled or out_of_time:

@@ -63,6 +63,17 @@ def _parse_override(item):
     return key, value
 
 
+def _override(key, value):
+    """A one-key config. String keys take the text as it is (YAML would read 1:30 as the number 90);
+    the others are read as YAML scalars, so 3e-4, true and 12 get their types."""
+    if dict(schema_fields())[key].type is not str:
+        return OmegaConf.from_dotlist([f"{key}={value}"])
+    nested = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return OmegaConf.create(nested)
+
+
 def _check(cfg):
     """Per-key choices and ranges from the schema, then rules that involve several keys."""
     for key, f in schema_fields():
@@ -86,6 +97,12 @@ def _check(cfg):
         raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1: set train.zero_stage=2")
     if t.deepspeed_config and not Path(t.deepspeed_config).is_file():
         raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} not found: pass an existing DeepSpeed JSON file")
+    if m.surgery.site == "residual" and m.surgery.tau == 1.0 and m.norm != "pre":
+        raise ConfigError("model.surgery.tau=1.0 at model.surgery.site=residual makes position 1 a constant after the "
+                          "LayerNorm (its cumulative mean is itself): use tau < 1 or model.surgery.site=attn_out")
+    if t.inject_nonfinite and int(t.inject_nonfinite.split(":")[0]) >= m.n_layers:
+        raise ConfigError(f"train.inject_nonfinite={t.inject_nonfinite!r} names layer "
+                          f"{t.inject_nonfinite.split(':')[0]}, the model has layers 0..{m.n_layers - 1}")
     if m.spectral.lambda_min > m.spectral.lambda_max:
         raise ConfigError(f"model.spectral.lambda_min={m.spectral.lambda_min} exceeds "
                           f"model.spectral.lambda_max={m.spectral.lambda_max}")
@@ -107,7 +124,7 @@ def load_config(paths=(), overrides=()):
         cfg = _merge(cfg, loaded, path)
     for item in overrides:
         key, value = _parse_override(item)
-        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), "command line")
+        cfg = _merge(cfg, _override(key, value), "command line")
     _check(cfg)
     return OmegaConf.to_object(cfg)
 

@@ -6,6 +6,7 @@ Each field's metadata may hold `help`, `choices` and `check` (a predicate plus t
 what is allowed); `configs.load` turns a violation into one line naming the key.
 """
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -133,6 +134,11 @@ class TrainConfig:
                             check=non_negative)
     time_limit_minutes: float = opt(0.0, "save and exit (code 75) before this invocation's wall time runs out (0 = off)",
                                     check=non_negative)
+    max_bad_steps: int = opt(10, "stop (with a checkpoint of the last good state) after this many non-finite steps in a row",
+                             check=positive)
+    inject_nonfinite: str = opt("", "fault injection to test the guard: LAYER:STEP[:COUNT] makes that block's output NaN",
+                                check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+(:\d+)?", v) is not None,
+                                       "empty or LAYER:STEP[:COUNT], e.g. 3:100"))
     deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
 
 

@@ -76,4 +76,18 @@ def read_prepared(path):
         if size != info["tokens"] * itemsize:
             raise DataError(f"the {split} shards of {path} hold {size} bytes, meta.json expects "
                             f"{info['tokens'] * itemsize} (truncated?): {fix}")
+        check_vocabulary(path, meta, info["shards"], fix)
     return meta
+
+
+def check_vocabulary(path, meta, shards, fix, sample=1 << 22):
+    """Token ids beyond the tokenizer's vocabulary would index past the embedding table on the GPU.
+    Reads the first `sample` tokens of each shard: shards written by another tokenizer show there."""
+    import numpy as np
+
+    vocab = meta["tokenizer"]["vocab_size"]
+    for name in shards:
+        head = np.memmap(path / name, dtype=meta["dtype"], mode="r")[:sample]
+        if len(head) and int(head.max()) >= vocab:
+            raise DataError(f"shard {path / name} holds token id {int(head.max())}, outside the tokenizer's "
+                            f"vocabulary of {vocab}: the shards and tokenizer do not belong together; {fix}")

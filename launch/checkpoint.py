@@ -63,9 +63,14 @@ class ResumePoint:
 
 def verify(path, previous):
     """Every file the marker lists is there with its size; else name it and the last good checkpoint."""
-    marker = json.loads((path / MARKER).read_text())
     fallback = (f"the last good checkpoint is {previous}: resume from it with train.resume={previous}"
                 if previous else "no earlier checkpoint is complete: start afresh with train.resume=none")
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or not {"files", "step", "samples_seen", "config"} <= marker.keys():
+        raise ConfigError(f"checkpoint {path}: {MARKER} is unreadable; {fallback}")
     for name, size in marker["files"].items():
         f = path / name
         if not f.is_file():
@@ -86,6 +91,8 @@ def find_resume_point(cfg, tokenizer_hash):
             return None
     else:
         path = Path(resume)
+        if not path.exists():
+            raise ConfigError(f"train.resume={resume!r} does not exist: pass a checkpoints/step_NNNNNNNN folder, or auto or none")
         if (path / MARKER).is_file():
             candidates = [path]
         else:

@@ -28,6 +28,8 @@ def deepspeed_config(train, precision, grad_accum):
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Fathom logs itself (metrics.jsonl, TensorBoard, tqdm); DeepSpeed's own prints would interleave
         "steps_per_print": 1 << 30,
+        # Fathom passes launch.nonfinite.GuardedAdamW, an AdamW subclass ZeRO does not know by name
+        "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
     if train.offload_optimizer:

@@ -1,0 +1,101 @@
+"""The non-finite guard: a NaN or inf in the loss or the gradients skips that optimizer step
+instead of poisoning the weights, names the first layer where it appeared, and stops the run with
+a checkpoint of the last good state after train.max_bad_steps bad steps in a row.
+
+The check lives in the optimizer's step(), which every ZeRO stage and precision reaches with the
+final, all-reduced (and clipped) gradients of its partition: one fused norm per step, agreed over
+the ranks, and the update is not applied. The weights and optimizer state are then still those of
+the last good step; the LR schedule and the data move on, so the offending batch is skipped.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+DIVERGED = 3  # exit code of a run stopped by the guard
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose step() is skipped, on every rank alike, when a gradient or the loss is non-finite."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_finite = True
+        self.skipped = False
+        self.bad_params = []
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        local = torch.stack(norms).isfinite().all() if norms else torch.tensor(True)
+        bad = torch.tensor(float(not (bool(local) and self.loss_finite)), device=grads[0].device if grads else None)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.skipped = bool(bad.item())
+        if self.skipped:
+            # module parameters themselves only under ZeRO-0 fp32; else flat partitions (named "a gradient")
+            self.bad_params = [p for g in self.param_groups for p in g["params"]
+                               if p.grad is not None and not torch.isfinite(p.grad).all()]
+            return None
+        return super().step(closure)
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model, forward, x):
+    """Index of the first block whose output is non-finite on input x (-1: the embeddings), or None."""
+    found = []
+
+    def check(i):
+        def hook(module, inputs, output):
+            if not found and not torch.isfinite(output).all():
+                found.append(i)
+        return hook
+
+    handles = [b.register_forward_hook(check(i)) for i, b in enumerate(model.blocks)]
+    handles.append(model.token_embedding.register_forward_hook(check(-1)))
+    was_training = model.training
+    model.eval()
+    try:
+        forward(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def describe(model, layer, bad_params):
+    """One phrase naming where the non-finite values first appeared."""
+    if layer is not None:
+        return "the embeddings" if layer < 0 else f"the activations of layer {layer}"
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in bad_params:
+        name = names.get(id(p))
+        if name and name.startswith("blocks."):
+            return f"the gradients of layer {name.split('.')[1]} ({name})"
+        if name:
+            return f"the gradient of {name}"
+    return "the gradients (ZeRO >= 1 and bf16 keep flat partitions: the layer is not identifiable)"
+
+
+def agreed_min_layer(layer, device):
+    """The lowest non-finite layer over all ranks (each diagnosed its own micro-batch)."""
+    value = torch.tensor(float("inf") if layer is None else float(layer), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return None if math.isinf(value.item()) else int(value.item())
+
+
+class FaultInjection:
+    """train.inject_nonfinite="LAYER:STEP[:COUNT]": the output of block LAYER becomes NaN during
+    steps STEP .. STEP+COUNT-1, to test the guard end to end."""
+
+    def __init__(self, spec, model):
+        layer, first, *count = (int(v) for v in spec.split(":"))
+        self.steps = range(first, first + (count[0] if count else 1))
+        self.step = 0
+        model.blocks[layer].register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        return output * float("nan") if self.step in self.steps else output

@@ -1,0 +1,115 @@
+"""Bad input never costs a run: every case stops with one line and exit code 2, before torch is
+imported, leaving no files; and the non-finite guard skips bad steps and names the layer."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_MODEL, run_cli
+from tests.test_train import read_jsonl
+
+# (arguments, text the one error line must contain). DATA = a good prepared data directory,
+# BADDATA / RUN / CORRUPT are built by the fixture below.
+BAD_INPUTS = [
+    (["model.n_layer=4"], "did you mean model.n_layers?"),
+    (["trian.lr=1"], "did you mean train.lr?"),
+    (["model.n_layers=abc"], "model.n_layers='abc' (command line) is not allowed: it must be of type int"),
+    (["train.lr=fast"], "train.lr='fast' (command line) is not allowed: it must be of type float"),
+    (["train.max_steps=-3"], "train.max_steps=-3 is not allowed: it must be a number > 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0 is not allowed"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model=100 is not divisible by model.n_heads=3"),
+    (["model.norm=sandwich"], "choose one of post, pre, deepnorm"),
+    (["model.attention=linear"], "choose one of softmax, gapfree, shaped"),
+    (["model.weights=lowrank"], "choose one of standard, spectral"),
+    (["model.init=kaiming"], "choose one of gpt2, fanin, xavier"),
+    (["model.surgery.site=everywhere"], "choose one of none, attn_out, residual, block"),
+    (["model.surgery.tau=1.5"], "model.surgery.tau=1.5 is not allowed: it must be a number in [0, 1]"),
+    (["model.surgery.site=residual", "model.surgery.tau=1.0"], "makes position 1 a constant after the LayerNorm"),
+    (["model.spectral.mode=negative"], "choose one of sharpen, smooth, free"),
+    (["model.spectral.lambda_min=2"], "model.spectral.lambda_min=2.0 exceeds model.spectral.lambda_max=1.0"),
+    (["model.shaped.tau0=0"], "model.shaped.tau0=0.0 is not allowed: it must be a number > 0"),
+    (["model.max_seq_len=0"], "model.max_seq_len=0 is not allowed"),
+    (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len"),
+    (["train.zero_stage=4"], "choose one of 0, 1, 2, 3"),
+    (["train.offload_optimizer=true", "train.zero_stage=0"], "train.offload_optimizer=true needs train.zero_stage >= 1"),
+    (["train.precision=fp8"], "choose one of auto, fp32, bf16, fp16"),
+    (["train.global_batch=20"], "train.global_batch=20 is not divisible by train.micro_batch_size=8 x 1 ranks"),
+    (["train.deepspeed_config=missing.json"], "train.deepspeed_config='missing.json' not found"),
+    (["train.keep_last=0"], "train.keep_last=0 is not allowed"),
+    (["train.inject_nonfinite=abc"], "must be empty or LAYER:STEP[:COUNT]"),
+    (["train.inject_nonfinite=9:1"], "names layer 9, the model has layers 0..1"),
+    (["monitor.collapse_threshold=2"], "monitor.collapse_threshold=2.0 is not allowed: it must be a number in [0, 1]"),
+    (["monitor.every=-1"], "monitor.every=-1 is not allowed"),
+    (["data.vocab_size=100"], "data.vocab_size=100 is not allowed: it must be an integer >= 260"),
+    (["data.path=/nonexistent/data"], "/nonexistent/data holds no meta.json"),
+    (["data.path=BADDATA"], "outside the tokenizer's vocabulary"),
+    (["train.resume=/nonexistent/ckpt"], "train.resume='/nonexistent/ckpt' does not exist"),
+    (["train.resume=CORRUPT"], "fathom_complete.json is unreadable"),
+    (["--config", "missing.yaml"], "config file 'missing.yaml' not found"),
+    (["--config", "BADYAML"], "is not valid YAML"),
+    (["n_layers"], "bad override 'n_layers': write key=value"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_things(tiny_data, tiny_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    baddata = root / "baddata"
+    shutil.copytree(tiny_data, baddata)  # shards of "another tokenizer": ids past the vocabulary
+    shard = baddata / "train_0000.bin"
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[5] = 60000
+    ids.tofile(shard)
+    corrupt = root / "corrupt"
+    shutil.copytree(sorted((tiny_run / "checkpoints").glob("step_*"))[-1], corrupt)
+    (corrupt / "fathom_complete.json").write_text("{not json")
+    badyaml = root / "bad.yaml"
+    badyaml.write_text("model: [unclosed\n")
+    return {"BADDATA": str(baddata), "CORRUPT": str(corrupt), "BADYAML": str(badyaml), "DATA": str(tiny_data)}
+
+
+def test_at_least_30_distinct_bad_inputs():
+    assert len({tuple(a) for a, _ in BAD_INPUTS}) == len(BAD_INPUTS) >= 30
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_stops_with_one_line_before_heavy_work(bad_things, tmp_path, args, message):
+    args = [a.replace(k, v) for a in args for k, v in [next(((k, v) for k, v in bad_things.items() if k in a), ("", ""))]]
+    data = [] if any(a.startswith("data.path=") for a in args) else [f"data.path={bad_things['DATA']}"]
+    out = tmp_path / "run"
+    proc = run_cli("-X", "importtime", "train.py", *TINY_MODEL, *data, f"train.out_dir={out}", *args, check=False)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "| torch" not in proc.stderr, "torch was imported before the error"
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def guarded_runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("guard")
+    common = [*TINY_MODEL, f"data.path={tiny_data}", "train.max_steps=8", "train.log_every=1", "monitor.every=0"]
+    once = run_cli("train.py", *common, f"train.out_dir={root / 'once'}", "train.inject_nonfinite=1:3")
+    stop = run_cli("train.py", *common, f"train.out_dir={root / 'stop'}", "train.inject_nonfinite=0:4:5",
+                   "train.max_bad_steps=2", check=False)
+    return root, once, stop
+
+
+def test_a_non_finite_step_is_skipped_and_named(guarded_runs):
+    root, once, _ = guarded_runs
+    lines = read_jsonl(root / "once" / "metrics.jsonl")
+    assert [r for r in lines if r.get("skipped")] == [
+        {"step": 3, "skipped": True, "nonfinite": "the activations of layer 1", "bad_steps": 1}]
+    losses = {r["step"]: r["loss"] for r in lines if "loss" in r}
+    assert np.isnan(losses[3]) and all(np.isfinite(v) for s, v in losses.items() if s != 3)
+    assert "step 3: non-finite loss or gradient, first in the activations of layer 1; step skipped" in once.stderr
+
+
+def test_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(guarded_runs):
+    root, _, stop = guarded_runs
+    assert stop.returncode == 3
+    assert "stopped: 2 non-finite steps in a row (train.max_bad_steps), first in the activations of layer 0" in stop.stderr
+    marker = json.loads((root / "stop" / "checkpoints" / "step_00000005" / "fathom_complete.json").read_text())
+    assert marker["step"] == 5
