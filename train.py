@@ -20,7 +20,6 @@ from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, grad_accum_steps
 from launch.distributed import fill_launcher_env
 
-
 DEFAULT_CONFIG = "configs/default.yaml"
 
 
@@ -151,7 +150,14 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from data.loader import TrainBatches, ValBatches
     from launch.checkpoint import Checkpointer
     from launch.distributed import init_distributed
-    from launch.nonfinite import DIVERGED, FaultInjection, GuardedAdamW, agreed_min_layer, describe, first_nonfinite_layer
+    from launch.nonfinite import (
+        DIVERGED,
+        FaultInjection,
+        GuardedAdamW,
+        agreed_min_layer,
+        describe,
+        first_nonfinite_layer,
+    )
     from launch.preemption import REQUEUE, StopSignal, request_requeue
     from launch.run_log import RunLog
     from model import Transformer

@@ -14,7 +14,6 @@ a half-prepared directory that looks done.
 import argparse
 import glob
 import hashlib
-import json
 import os
 import re
 import shutil

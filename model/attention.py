@@ -4,6 +4,10 @@ A mixer decides how values are mixed across positions, given per-head q, k, v of
 [B, H, T, d_head]. Every mixer goes through `scaled_dot_product_attention` (flash, memory-efficient
 or math backend) plus O(T·d) corrections built from C, the causal uniform matrix:
 C_ij = 1/i for j <= i, so C·V is the cumulative mean of V. No T×T matrix is ever formed.
+
+Cached decoding (model/decode.py) calls the same code with the queries of the new positions only,
+the keys and values of every position so far, the new positions' own values, and their cumulative
+mean from a running sum, so it computes exactly what the full forward pass computes.
 """
 
 import math
@@ -15,17 +19,35 @@ import torch.nn.functional as F
 from model.weights import VALUE_OUTPUT
 
 
-def cumulative_mean(x, dim=-2):
+def cumulative_mean(x, dim=-2, running=None):
     """C·x: the mean of x over positions 1..i at each position i (causal; no future token leaks).
 
     Summed in at least fp32 so bf16 activations do not lose the running sum over long sequences.
+    With `running` (a dict kept by a decoding cache), x holds only the new positions: the sum and
+    count of the earlier ones come from it, and it is updated.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     total = torch.cumsum(x, dim=dim, dtype=acc)
     shape = [1] * x.dim()
     shape[dim] = x.shape[dim]
-    count = torch.arange(1, x.shape[dim] + 1, device=x.device, dtype=acc).view(shape)
+    first = 1
+    if running is not None:
+        if "sum" in running:
+            total += running["sum"]
+            first += running["count"]
+        running["sum"], running["count"] = total.narrow(dim, -1, 1).clone(), first - 1 + x.shape[dim]
+    count = torch.arange(first, first + x.shape[dim], device=x.device, dtype=acc).view(shape)
     return total.div_(count).to(x.dtype)
+
+
+def attend(q, k, v, scale=None):
+    """Causal SDPA. In training q and k cover the same positions (is_causal, any fused kernel); in
+    cached decoding the queries are the last positions of the keys (mask aligned bottom-right)."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def causal_softmax(q, k, scale):
@@ -49,8 +71,10 @@ class SoftmaxMixer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
 
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(self, q, k, v, own_v=None, mean_v=None):
+        """q: new positions; k, v: all positions so far; own_v: the new positions' values;
+        mean_v(): their cumulative mean. Both default to the training case (q covers all of k, v)."""
+        return attend(q, k, v)
 
     def attention_matrices(self, q, k):
         """(softmax probabilities P, the effective mixing matrix A with out = A v), explicit T×T."""
@@ -65,8 +89,8 @@ class GapFreeMixer(SoftmaxMixer):
     rank collapse. Causal consequence: position 1 outputs 0 (its row of A equals its row of C).
     """
 
-    def forward(self, q, k, v):
-        return super().forward(q, k, v) - cumulative_mean(v)
+    def forward(self, q, k, v, own_v=None, mean_v=None):
+        return attend(q, k, v) - (mean_v() if mean_v else cumulative_mean(v))
 
     def attention_matrices(self, q, k):
         p, _ = super().attention_matrices(q, k)
@@ -92,10 +116,12 @@ class ShapedMixer(nn.Module):
         self.beta = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
         self.gamma = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
 
-    def forward(self, q, k, v):
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+    def forward(self, q, k, v, own_v=None, mean_v=None):
+        attended = attend(q, k, v, scale=self.scale)
+        own_v = v if own_v is None else own_v
+        mean = mean_v() if mean_v else cumulative_mean(v)
         per_head = lambda g: g.view(1, -1, 1, 1)  # noqa: E731
-        return per_head(self.alpha) * v + per_head(self.beta) * attended - per_head(self.gamma) * cumulative_mean(v)
+        return per_head(self.alpha) * own_v + per_head(self.beta) * attended - per_head(self.gamma) * mean
 
     def attention_matrices(self, q, k):
         T = q.shape[-2]
@@ -128,11 +154,16 @@ class CausalSelfAttention(nn.Module):
         B, T, d = x.shape
         return x.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, d = x.shape
         w_value, w_output = self.value_output()
-        q, k = self.query_key(x).split(d, dim=-1)
-        v = F.linear(x, w_value)
-        y = self.mixer(self.split_heads(q), self.split_heads(k), self.split_heads(v))
+        q, k = self.queries_keys(x)
+        v = self.split_heads(F.linear(x, w_value))
+        if cache is None:
+            y = self.mixer(q, k, v)
+        else:
+            own_v = v
+            k, v = cache.append_keys_values(self, k, v)
+            y = self.mixer(q, k, v, own_v, lambda: cumulative_mean(own_v, running=cache.running(self)))
         y = y.transpose(1, 2).reshape(B, T, d)
-        return self.out_transform(F.linear(y, w_output))
+        return self.out_transform(F.linear(y, w_output), cache)

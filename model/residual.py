@@ -1,7 +1,8 @@
 """How a branch joins the residual stream: the *residual/norm seam* of the model.
 
 A join is called as join(x, branch) and returns the new stream. Similarity surgery is a
-hidden-state transform placed at one of three sites (the block decides where).
+hidden-state transform placed at one of three sites (the block decides where); transforms take the
+decoding cache, since surgery's cumulative mean keeps a running sum there.
 """
 
 import torch
@@ -21,8 +22,16 @@ class SimilaritySurgery(nn.Module):
         super().__init__()
         self.tau = tau
 
-    def forward(self, x):
-        return torch.sub(x, cumulative_mean(x), alpha=self.tau)
+    def forward(self, x, cache=None):
+        running = cache.running(self) if cache is not None else None
+        return torch.sub(x, cumulative_mean(x, dim=1, running=running), alpha=self.tau)
+
+
+class Unchanged(nn.Module):
+    """The hidden-state transform of a site without surgery."""
+
+    def forward(self, x, cache=None):
+        return x
 
 
 class PostNorm(nn.Module):
@@ -33,11 +42,11 @@ class PostNorm(nn.Module):
         self.alpha, self.gain = alpha, gain
         # DeepNorm's beta: init.py scales the branch's W_V, W_O and MLP weights by it
         self.branch_init_gain = branch_init_gain
-        self.mix = mix or nn.Identity()
+        self.mix = mix or Unchanged()
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x, branch):
-        return self.norm(self.mix(self.alpha * x + self.gain * branch(x)))
+    def forward(self, x, branch, cache=None):
+        return self.norm(self.mix(self.alpha * x + self.gain * branch(x), cache))
 
 
 class PreNorm(nn.Module):
@@ -48,11 +57,11 @@ class PreNorm(nn.Module):
     def __init__(self, d_model, gain=1.0, mix=None):
         super().__init__()
         self.gain = gain
-        self.mix = mix or nn.Identity()
+        self.mix = mix or Unchanged()
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x, branch):
-        return self.mix(x + self.gain * branch(self.norm(x)))
+    def forward(self, x, branch, cache=None):
+        return self.mix(x + self.gain * branch(self.norm(x)), cache)
 
 
 def residual_join(cfg, gain=1.0, mix=None):

@@ -14,7 +14,13 @@ from torch.utils.checkpoint import checkpoint
 from configs.schema import ModelConfig
 from model.attention import CausalSelfAttention
 from model.init import init_weights
-from model.residual import SimilaritySurgery, branch_gains, final_norm, residual_join
+from model.residual import (
+    SimilaritySurgery,
+    Unchanged,
+    branch_gains,
+    final_norm,
+    residual_join,
+)
 
 
 class MLP(nn.Module):
@@ -32,7 +38,7 @@ class Block(nn.Module):
         super().__init__()
 
         def surgery(site):
-            return SimilaritySurgery(cfg.surgery.tau) if cfg.surgery.site == site else nn.Identity()
+            return SimilaritySurgery(cfg.surgery.tau) if cfg.surgery.site == site else Unchanged()
 
         attn_gain, mlp_gain = branch_gains(cfg)
         self.attn = CausalSelfAttention(cfg, out_transform=surgery("attn_out"))
@@ -41,10 +47,10 @@ class Block(nn.Module):
         self.mlp_residual = residual_join(cfg, mlp_gain)
         self.block_transform = surgery("block")
 
-    def forward(self, x):
-        x = self.attn_residual(x, self.attn)
+    def forward(self, x, cache=None):
+        x = self.attn_residual(x, lambda h: self.attn(h, cache), cache)
         x = self.mlp_residual(x, self.mlp)
-        return self.block_transform(x)
+        return self.block_transform(x, cache)
 
 
 class Transformer(nn.Module):
@@ -63,17 +69,29 @@ class Transformer(nn.Module):
         self.checkpoint_every = 0
         init_weights(self, cfg)
 
-    def forward(self, idx):
-        T = idx.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        x = self.token_embedding(idx) + self.position_embedding(torch.arange(T, device=idx.device))
+    def forward(self, idx, cache=None):
+        """Logits for idx. With a DecodeCache (model/decode.py), idx holds only the positions after
+        those the cache has seen, and the result equals the full forward pass at those positions."""
+        start = cache.length if cache is not None else 0
+        end = start + idx.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
+        x = self.token_embedding(idx) + self.position_embedding(torch.arange(start, end, device=idx.device))
         for i, block in enumerate(self.blocks):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cache)
+        if cache is not None:
+            cache.length = end
         return self.lm_head(self.final_norm(x))
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """A model exported by `python -m model.export` (model.safetensors + config.yaml)."""
+        from model.pretrained import from_pretrained
+
+        return from_pretrained(directory)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())

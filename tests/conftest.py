@@ -1,10 +1,14 @@
+import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
+
+from launch.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.max_seq_len=64", "train.seq_len=32",
@@ -18,6 +22,58 @@ def run_cli(*args, check=True, timeout=600, env=None, program=sys.executable):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def launcher(name):
+    """(program, arguments before train.py) of each way to start a run."""
+    return {
+        "deepspeed": (DEEPSPEED, ["--num_gpus", "2", "--master_port", str(free_port())]),
+        "torchrun": (sys.executable, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]),
+        "python": (sys.executable, []),
+    }[name]
+
+
+# the short runs of the distributed, resume and use tests
+STEPS, STOP = 6, 3
+# eval_batches=1000: the validation at the end covers the whole val split (tests/test_use.py evaluates it)
+COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100",
+          "train.eval_batches=1000"]
+
+
+def records(out_dir):
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in records(out_dir)]
+
+
+def train(how, out_dir, data, *extra, check=True):
+    program, launch = launcher(how)
+    return run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={data}", f"train.out_dir={out_dir}",
+                   program=program, env={"DS_ACCELERATOR": "cpu"}, check=check)
+
+
+@pytest.fixture(scope="session")
+def resumed_runs(tiny_data, tmp_path_factory):
+    """(launcher, ZeRO stage) -> (out_dir of the straight run, out_dir of the stopped-and-resumed run).
+    Also keeps a copy of the 2-rank ZeRO-2 run as it was when stopped, for the 2 -> 1 resume."""
+    root = tmp_path_factory.mktemp("resume")
+    out = {}
+    for how, zero in [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)]:
+        straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
+        train(how, straight, tiny_data, f"train.zero_stage={zero}")
+        train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")
+        if (how, zero) == ("torchrun", 2):
+            shutil.copytree(cut, root / "stopped-2-ranks")
+        train(how, cut, tiny_data, f"train.zero_stage={zero}")
+        out[how, zero] = straight, cut
+    out["stopped-2-ranks"] = root / "stopped-2-ranks"
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +93,15 @@ def tiny_run(tiny_data, tmp_path_factory):
     run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=40",
             "train.log_every=5", "train.eval_every=20", "monitor.every=10")
     return out
+
+
+@pytest.fixture(scope="session")
+def other_data(tmp_path_factory):
+    """Prepared data whose tokenizer is not tiny_data's."""
+    root = tmp_path_factory.mktemp("other")
+    (root / "text").mkdir()
+    for i in range(4):
+        (root / "text" / f"{i}.txt").write_text(f"another corpus, document {i}: " + "lorem ipsum dolor sit amet " * 200)
+    run_cli("-m", "data.prepare", "--input", str(root / "text"), "--output", str(root / "data"), "--vocab-size", "300",
+            "--val-fraction", "0.5")
+    return root / "data"

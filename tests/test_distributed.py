@@ -2,36 +2,12 @@
 parallelism equals gradient accumulation, ZeRO stages and activation checkpointing do not change
 the losses."""
 
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from configs import load_config
-from launch.distributed import free_port
 from model import Transformer
-from tests.conftest import TINY_MODEL, run_cli
-
-STEPS = 6
-# monitor.every=3: every launcher and ZeRO stage also runs the monitors' collective gradient reads
-COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100",
-          "monitor.every=3"]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def launcher(name):
-    """(program, arguments before train.py) of each way to start a run."""
-    return {
-        "deepspeed": (DEEPSPEED, ["--num_gpus", "2", "--master_port", str(free_port())]),
-        "torchrun": (sys.executable, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]),
-        "python": (sys.executable, []),
-    }[name]
-
-
-def losses(out_dir):
-    return [r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+from tests.conftest import STEPS, losses, train
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +24,8 @@ def distributed_runs(tiny_data, tmp_path_factory):
     }
     out = {}
     for name, (how, extra) in runs.items():
-        program, launch = launcher(how)
-        run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={tiny_data}", f"train.out_dir={root / name}",
-                program=program, env={"DS_ACCELERATOR": "cpu"})
+        # monitor.every=3: every launcher and ZeRO stage also runs the monitors' collective gradient reads
+        train(how, root / name, tiny_data, *extra, "monitor.every=3")
         out[name] = losses(root / name)
     return out
 

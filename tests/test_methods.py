@@ -10,7 +10,7 @@ from configs import load_config
 from model import Transformer
 from model.attention import MIXERS, CausalSelfAttention, cumulative_mean
 from model.metrics import t_sim
-from model.residual import SimilaritySurgery
+from model.residual import SimilaritySurgery, Unchanged
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 
@@ -143,7 +143,7 @@ def test_no_position_is_constant_across_inputs(preset):
 
 def test_shaped_attention_is_alpha_times_values_at_init():
     cfg = model_config(preset="shaped")
-    attn = CausalSelfAttention(cfg, out_transform=torch.nn.Identity())
+    attn = CausalSelfAttention(cfg, out_transform=Unchanged())
     torch.nn.init.normal_(attn.query_key.weight)
     attn.query_key.weight.data[: cfg.d_model] = 0  # W_Q = 0, as init.py does
     with torch.no_grad():
@@ -219,3 +219,28 @@ def test_init_scheme_std(scheme, std):
     cfg = load_config([], ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", f"model.init={scheme}"]).model
     w = Transformer(cfg).blocks[0].attn.query_key.weight
     assert w.std().item() == pytest.approx(std, rel=0.05)
+
+
+# ---- cached decoding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS + ["surgery-attn_out", "surgery-block", "pre-surgery"])
+def test_cached_decoding_equals_the_full_forward_pass(preset):
+    from model.decode import DecodeCache
+
+    extra = {"surgery-attn_out": ("surgery", ["model.surgery.site=attn_out"]),
+             "surgery-block": ("surgery", ["model.surgery.site=block"]),
+             "pre-surgery": ("pre", ["model.surgery.site=residual"])}
+    name, overrides = extra.get(preset, (preset, []))
+    torch.manual_seed(0)
+    model = Transformer(model_config("model.init=fanin", *overrides, preset=name)).eval()
+    with torch.no_grad():  # trained-looking gains, so every term of the shaped attention matters
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 50, (2, 14))
+    full = model(idx)
+    cache = DecodeCache()
+    pieces = [model(idx[:, :5], cache), model(idx[:, 5:8], cache)]  # a prompt, then a chunk of 3
+    pieces += [model(idx[:, t : t + 1], cache) for t in range(8, 14)]  # then one token at a time
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-9, rtol=0)

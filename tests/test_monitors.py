@@ -10,7 +10,14 @@ import torch
 from configs import load_config
 from model import Transformer
 from model.attention import MIXERS
-from model.metrics import attention_entropy, cos_sim, sigma_ratio, stable_rank, stable_rank4, t_sim
+from model.metrics import (
+    attention_entropy,
+    cos_sim,
+    sigma_ratio,
+    stable_rank,
+    stable_rank4,
+    t_sim,
+)
 from model.monitors import CollapseMonitor
 from tests.conftest import TINY_MODEL, run_cli
 from tests.test_train import read_jsonl

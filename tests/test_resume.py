@@ -13,44 +13,7 @@ import pytest
 
 from launch.checkpoint import MARKER
 from launch.preemption import REQUEUE
-from tests.conftest import ROOT, TINY_MODEL, run_cli
-from tests.test_distributed import launcher
-
-STEPS, STOP = 6, 3
-COMMON = [*TINY_MODEL, "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=100"]
-
-
-def records(out_dir):
-    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "loss" in r]
-
-
-def losses(out_dir):
-    return [r["loss"] for r in records(out_dir)]
-
-
-def train(how, out_dir, data, *extra, check=True):
-    program, launch = launcher(how)
-    return run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={data}", f"train.out_dir={out_dir}",
-                   program=program, env={"DS_ACCELERATOR": "cpu"}, check=check)
-
-
-@pytest.fixture(scope="session")
-def resumed_runs(tiny_data, tmp_path_factory):
-    """(launcher, ZeRO stage) -> (out_dir of the straight run, out_dir of the stopped-and-resumed run).
-    Also keeps a copy of the 2-rank ZeRO-2 run as it was when stopped, for the 2 -> 1 resume."""
-    root = tmp_path_factory.mktemp("resume")
-    out = {}
-    for how, zero in [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)]:
-        straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
-        train(how, straight, tiny_data, f"train.zero_stage={zero}")
-        train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")
-        if (how, zero) == ("torchrun", 2):
-            shutil.copytree(cut, root / "stopped-2-ranks")
-        train(how, cut, tiny_data, f"train.zero_stage={zero}")
-        out[how, zero] = straight, cut
-    out["stopped-2-ranks"] = root / "stopped-2-ranks"
-    return out
+from tests.conftest import COMMON, ROOT, STEPS, losses, records, train
 
 
 @pytest.mark.parametrize("how,zero", [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)])
@@ -149,14 +112,8 @@ def test_mismatched_model_is_refused(finished_run, tiny_data):
     assert "saved with model.n_layers=2, this run has 3" in line
 
 
-def test_data_with_another_tokenizer_is_refused(finished_run, tiny_data, tmp_path):
-    other, text = tmp_path / "other", tmp_path / "text"
-    text.mkdir()
-    for i in range(4):
-        (text / f"{i}.txt").write_text(f"another corpus, document {i}: " + "lorem ipsum dolor sit amet " * 200)
-    run_cli("-m", "data.prepare", "--input", str(text), "--output", str(other), "--vocab-size", "300",
-            "--val-fraction", "0.5")
-    line = expect_error(finished_run, other)
+def test_data_with_another_tokenizer_is_refused(finished_run, other_data):
+    line = expect_error(finished_run, other_data)
     assert "was trained on data with another tokenizer" in line
 
 

@@ -1,0 +1,39 @@
+"""Export a run's checkpoint as consolidated weights, its config and its tokenizer.
+
+    python -m model.export --run OUT_DIR --output DIR [--checkpoint TAG]
+
+Writes DIR/model.safetensors, DIR/config.yaml and the tokenizer file; load it anywhere with
+`Transformer.from_pretrained(DIR)`.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+from configs import ConfigError, exit_on_error
+
+
+def export(run, output, tag=None):
+    from model.pretrained import load_run, save_pretrained
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"--output {str(output)!r} already exists and is not empty: choose a new folder")
+    cfg, model, marker, data_path, meta = load_run(run, tag)
+    save_pretrained(model, cfg, output)
+    shutil.copy2(Path(data_path) / meta["tokenizer"]["file"], output / meta["tokenizer"]["file"])
+    return output, marker["step"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--checkpoint", help="a checkpoint tag (default: the newest)")
+    args = ap.parse_args(argv)
+    output, step = exit_on_error(export, args.run, args.output, args.checkpoint)
+    print(f"exported step {step} of {args.run} to {output}")
+
+
+if __name__ == "__main__":
+    main()

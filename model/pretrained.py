@@ -1,0 +1,91 @@
+"""Load a trained model: from a run directory's checkpoint, or from an exported folder.
+
+A run's checkpoint may be partitioned (ZeRO 1-3, bf16) over any number of ranks; DeepSpeed's own
+`zero_to_fp32` consolidates it into one fp32 state dict. ZeRO-0 checkpoints hold the whole module.
+Everything a bad input can break (no checkpoint, a tokenizer that is not the run's) is checked
+first and reported as one line (ConfigError).
+"""
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from configs import ConfigError, FathomConfig, ModelConfig
+from launch.checkpoint import checkpoints_dir, complete_checkpoints, verify
+
+
+def run_checkpoint(run, tag=None):
+    """The complete checkpoint folder of a run (newest, or `tag`) and its marker."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a Fathom run directory (no config.yaml): pass a train.out_dir")
+    done = complete_checkpoints(checkpoints_dir(run))
+    if tag:
+        path = checkpoints_dir(run) / tag
+        if path not in done:
+            raise ConfigError(f"{run} has no complete checkpoint {tag!r}: choose one of {[p.name for p in done]}")
+    elif not done:
+        raise ConfigError(f"{run} has no complete checkpoint: train it (checkpoints are saved at the end and "
+                          "every train.save_every steps)")
+    else:
+        path = done[-1]
+    return path, verify(path, None)
+
+
+def run_config(marker):
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FathomConfig), marker["config"]))
+
+
+def consolidated_state_dict(path, marker):
+    if marker["zero_stage"] == 0:
+        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
+def load_run(run, tag=None, data=None):
+    """(config, model in eval mode, checkpoint marker, data directory, data meta) of a run."""
+    from data.meta import DataError
+    from model import Transformer
+    from train import resolve_data
+
+    path, marker = run_checkpoint(run, tag)
+    cfg = run_config(marker)
+    if data:
+        cfg.data.path = str(data)
+    data_path, meta = resolve_data(cfg)
+    if meta["tokenizer"]["hash"] != marker["tokenizer_hash"]:
+        raise ConfigError(f"the tokenizer of {data_path} is not the one {path} was trained with: "
+                          "evaluate on data prepared with the run's tokenizer (`data.prepare --tokenizer RUN_TOKENIZER`)")
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(consolidated_state_dict(path, marker))
+    except (DataError, OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return cfg, model.eval(), marker, data_path, meta
+
+
+def save_pretrained(model, cfg, directory):
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))  # handles the tied embedding / LM head
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def from_pretrained(directory):
+    from safetensors.torch import load_model
+
+    from model import Transformer
+
+    directory = Path(directory)
+    cfg = OmegaConf.load(directory / "config.yaml")
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.get("model", cfg)))
+    model = Transformer(model_cfg)
+    load_model(model, str(directory / "model.safetensors"))
+    return model.eval()
+
