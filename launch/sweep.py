@@ -1,0 +1,243 @@
+"""Scaling-depth experiments: every method × depth × init through train.py, then one table and plots.
+
+    python launch/sweep.py --config configs/sweeps/cpu.yaml --depths 12,48,96 \
+        --methods vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped --inits gpt2,fanin --output DIR [key=value ...]
+
+Each cell (method, depth, init) is one `train.py` run in DIR/<method>-L<depth>-<init>/ with the
+method's preset, model.n_layers and model.init set and collapse monitors on. A cell with a
+`result.json` is complete and skipped; an interrupted one resumes from its newest checkpoint
+(train.resume=auto); a cell that diverges (the non-finite guard stops it, or its final loss is not
+below its first) is recorded as diverged and the sweep goes on. The report (DIR/results.csv,
+results.md and PNGs) is rewritten after every cell.
+
+    --slurm       write DIR/sweep.sbatch, a SLURM array job with one task per cell (sbatch it, then
+                  run this command again with --report to collect)
+    --cell N      run only cell N (what each array task does)
+    --init-only   no training: collapse metrics at init through model.probe, up to any depth
+"""
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from configs import ConfigError, exit_on_error, load_config  # noqa: E402
+
+COLUMNS = ["method", "depth", "init", "status", "final_loss", "final_val_loss", "tokens_per_s", "cos_sim_init",
+           "cos_sim_end", "first_collapse_step", "peak_memory_mb"]
+
+
+def cells(methods, depths, inits):
+    return [(m, d, i) for i in inits for m in methods for d in depths]
+
+
+def cell_dir(output, cell):
+    method, depth, init = cell
+    return Path(output) / f"{method}-L{depth}-{init}"
+
+
+def train_command(args, cell):
+    method, depth, init = cell
+    configs = [c for path in args.config for c in ("--config", path)]
+    return [sys.executable, str(ROOT / "train.py"), *configs, "--config", str(ROOT / f"configs/methods/{method}.yaml"),
+            f"model.n_layers={depth}", f"model.init={init}", f"train.out_dir={cell_dir(args.output, cell)}",
+            *args.overrides]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def cell_result(directory, cell, returncode, threshold):
+    method, depth, init = cell
+    metrics = read_jsonl(directory / "metrics.jsonl")
+    monitors = read_jsonl(directory / "monitors.jsonl")
+    train = [r for r in metrics if "loss" in r]
+    val = [r for r in metrics if "val_loss" in r]
+    losses = [r["loss"] for r in train]
+    diverged = returncode == 3 or (losses and (not math.isfinite(losses[-1]) or losses[-1] >= losses[0]))
+    crossed = [r["step"] for r in monitors if any(layer["cos_sim"] >= threshold for layer in r["layers"])]
+    status = "diverged" if diverged else "ok" if returncode == 0 else f"failed (exit {returncode})"
+    return {
+        "method": method, "depth": depth, "init": init, "status": status,
+        "final_loss": losses[-1] if losses else None,
+        "final_val_loss": val[-1]["val_loss"] if val else None,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in train[1:]) / max(1, len(train) - 1) if train else None,
+        "cos_sim_init": monitors[0]["layers"][-1]["cos_sim"] if monitors else None,
+        "cos_sim_end": monitors[-1]["layers"][-1]["cos_sim"] if monitors else None,
+        "first_collapse_step": crossed[0] if crossed else None,
+        "peak_memory_mb": max((r["peak_memory_mb"] for r in train), default=None),
+    }
+
+
+def run_cell(args, cell, threshold):
+    directory = cell_dir(args.output, cell)
+    if (directory / "result.json").is_file():
+        print(f"{directory.name}: complete, skipped", file=sys.stderr)
+        return
+    print(f"{directory.name}: training", file=sys.stderr)
+    proc = subprocess.run(train_command(args, cell), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if proc.returncode == 2:  # bad input: the same for every cell, so stop the sweep with its message
+        raise ConfigError(f"{directory.name}: {proc.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
+    if proc.returncode not in (0, 3):
+        (directory / "train.stderr").write_text(proc.stderr)
+    result = cell_result(directory, cell, proc.returncode, threshold)
+    (directory / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def probe_cell(args, cell, tokens):
+    from model.probe import probe
+
+    method, depth, init = cell
+    cfg = load_config([*args.config, ROOT / f"configs/methods/{method}.yaml"],
+                      [*args.overrides, f"model.n_layers={depth}", f"model.init={init}"])
+    layers = probe(cfg, tokens)
+    row = dict.fromkeys(COLUMNS)
+    row.update(method=method, depth=depth, init=init, status="init only", cos_sim_init=layers[-1]["cos_sim"],
+               first_collapse_step=0 if any(x["cos_sim"] >= cfg.monitor.collapse_threshold for x in layers) else None)
+    return row
+
+
+def fmt(value):
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(output, rows):
+    output = Path(output)
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    (output / "results.md").write_text("\n".join(lines) + "\n")
+    plot(output, rows)
+
+
+def plot(output, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inits = sorted({r["init"] for r in rows})
+    for metric, name in [("final_val_loss", "val_loss_vs_depth.png"), ("cos_sim_end", "cos_sim_vs_depth.png"),
+                         ("cos_sim_init", "cos_sim_init_vs_depth.png")]:
+        if all(r[metric] is None for r in rows):
+            continue
+        fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits), 3.8), squeeze=False, sharey=True)
+        for ax, init in zip(axes[0], inits):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                pts = sorted((r["depth"], r[metric]) for r in rows
+                             if r["method"] == method and r["init"] == init and r[metric] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=method)
+            ax.set(xscale="log", xlabel="depth (layers)", title=f"init={init}", ylabel=metric)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output / name, dpi=110)
+        plt.close(fig)
+
+
+def deepest_heatmaps(output, rows):
+    """Per-layer cosine over training of every method at the deepest depth (one panel each)."""
+    from model.plot_monitors import plot_run
+
+    deepest = max(r["depth"] for r in rows)
+    for r in rows:
+        if r["depth"] == deepest and r["status"] != "init only":
+            directory = cell_dir(output, (r["method"], r["depth"], r["init"]))
+            if (directory / "monitors.jsonl").is_file():
+                plot_run(directory, metrics=["cos_sim"], output=Path(output) / "plots" / directory.name, title=directory.name)
+
+
+def slurm_script(args, grid):
+    argv = " ".join(a for a in sys.argv[1:] if a != "--slurm")
+    path = Path(args.output) / "sweep.sbatch"
+    path.write_text(f"""#!/usr/bin/env bash
+# One SLURM array task per cell of this sweep; afterwards collect with:
+#   python launch/sweep.py {argv} --report
+#SBATCH --job-name=fathom-sweep
+#SBATCH --array=0-{len(grid) - 1}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --output={Path(args.output).resolve()}/slurm-%A_%a.out
+cd {ROOT}
+python launch/sweep.py {argv} --cell "$SLURM_ARRAY_TASK_ID"
+""")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", action="append", default=[], help="base YAML (shape, schedule); repeatable")
+    ap.add_argument("--depths", required=True, help="comma-separated model.n_layers values")
+    ap.add_argument("--methods", default="vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped",
+                    help="preset names from configs/methods/")
+    ap.add_argument("--inits", default="gpt2", help="model.init values")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--slurm", action="store_true")
+    ap.add_argument("--cell", type=int)
+    ap.add_argument("--report", action="store_true", help="only collect results.* and plots from finished cells")
+    ap.add_argument("--init-only", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args(argv)
+    depths = [int(d) for d in args.depths.split(",")]
+    methods, inits = args.methods.split(","), args.inits.split(",")
+
+    def validate():
+        for method in methods:
+            if not (ROOT / f"configs/methods/{method}.yaml").is_file():
+                raise ConfigError(f"--methods: no preset configs/methods/{method}.yaml")
+        for cell in cells(methods, depths, inits):  # every cell's config, before any training
+            load_config([*args.config, ROOT / f"configs/methods/{cell[0]}.yaml"],
+                        [*args.overrides, f"model.n_layers={cell[1]}", f"model.init={cell[2]}"])
+        return load_config(args.config, args.overrides)
+
+    base = exit_on_error(validate)
+    grid = cells(methods, depths, inits)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    if args.slurm:
+        print(f"wrote {slurm_script(args, grid)}: sbatch it ({len(grid)} array tasks)")
+        return
+    if args.init_only:
+        from model.probe import held_out_tokens
+
+        tokens = held_out_tokens(base, base.monitor.batch, base.train.seq_len)
+        rows = []
+        for cell in grid:
+            rows.append(probe_cell(args, cell, tokens))
+            print(f"{cell}: cos_sim {rows[-1]['cos_sim_init']:.3f}", file=sys.stderr)
+        write_report(args.output, rows)
+        return
+    if args.cell is not None:  # one task of the SLURM array; --report collects afterwards
+        exit_on_error(run_cell, args, grid[args.cell], base.monitor.collapse_threshold)
+        return
+    for cell in [] if args.report else grid:
+        exit_on_error(run_cell, args, cell, base.monitor.collapse_threshold)
+        report(args, grid)  # after every cell, so an interrupted sweep still has its table
+    report(args, grid)
+    print(f"results: {Path(args.output) / 'results.md'}")
+
+
+def report(args, grid):
+    rows = [json.loads((cell_dir(args.output, c) / "result.json").read_text()) for c in grid
+            if (cell_dir(args.output, c) / "result.json").is_file()]
+    if rows:
+        write_report(args.output, rows)
+        deepest_heatmaps(args.output, rows)
+
+
+if __name__ == "__main__":
+    main()

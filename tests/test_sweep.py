@@ -1,0 +1,59 @@
+"""The sweep's bookkeeping on a 2 × 2 grid of tiny models: complete cells are skipped, an
+interrupted one resumes, a diverging one is recorded as diverged."""
+
+import csv
+
+from tests.conftest import COMMON, records, run_cli
+
+GRID = ["--methods", "vanilla,gapfree", "--depths", "1,2", "--inits", "gpt2"]
+
+
+def sweep(out, data, *extra, check=True):
+    return run_cli("launch/sweep.py", *GRID, "--output", str(out), *COMMON, f"data.path={data}", "monitor.every=3",
+                   *extra, check=check)
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    partial = out / "gapfree-L2-gpt2"  # as if the sweep had been killed in the middle of this cell
+    run_cli("train.py", "--config", "configs/methods/gapfree.yaml", *COMMON, f"data.path={tiny_data}", "model.n_layers=2",
+            "model.init=gpt2", "monitor.every=3", f"train.out_dir={partial}", "train.stop_at_step=3")
+    first = sweep(out, tiny_data)
+    assert first.stderr.count(": training") == 4
+    assert [r["step"] for r in records(partial)] == list(range(1, 7))  # resumed, no step twice
+    table = rows(out)
+    assert sorted((r["method"], r["depth"]) for r in table) == [("gapfree", "1"), ("gapfree", "2"), ("vanilla", "1"),
+                                                               ("vanilla", "2")]
+    assert all(r["status"] == "ok" and float(r["final_val_loss"]) > 0 and r["cos_sim_init"] for r in table)
+    assert {p.name for p in out.glob("*.png")} >= {"val_loss_vs_depth.png", "cos_sim_vs_depth.png"}
+    assert (out / "plots" / "vanilla-L2-gpt2" / "cos_sim_heatmap.png").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    again = sweep(out, tiny_data)
+    assert again.stderr.count("complete, skipped") == 4 and ": training" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
+
+
+def test_a_diverging_cell_is_recorded_not_a_crash(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    run_cli("launch/sweep.py", "--methods", "vanilla", "--depths", "2", "--output", str(out), *COMMON,
+            f"data.path={tiny_data}", "train.inject_nonfinite=0:2:10", "train.max_bad_steps=2")
+    assert [r["status"] for r in rows(out)] == ["diverged"]
+
+
+def test_init_only_sweep(tiny_data, tmp_path):
+    out = tmp_path / "init"
+    run_cli("launch/sweep.py", *GRID, "--inits", "gpt2,fanin", "--init-only", "--output", str(out), *COMMON,
+            f"data.path={tiny_data}")
+    table = rows(out)
+    assert len(table) == 8 and all(r["status"] == "init only" and r["cos_sim_init"] for r in table)
+
+
+def test_bad_sweep_input_is_one_line(tiny_data, tmp_path):
+    proc = run_cli("launch/sweep.py", "--methods", "vanila", "--depths", "2", "--output", str(tmp_path / "s"),
+                   f"data.path={tiny_data}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --methods: no preset configs/methods/vanila.yaml"
