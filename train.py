@@ -10,6 +10,7 @@ Everything is written into train.out_dir.
 """
 
 import argparse
+import collections
 import math
 import sys
 import time
@@ -178,7 +179,8 @@ def train(cfg, data_path, meta, grad_accum, resume):
     model = Transformer(cfg.model)
     model.checkpoint_every = t.activation_checkpointing
     optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
-    injection = FaultInjection(t.inject_nonfinite, model) if t.inject_nonfinite else None
+    injections = [FaultInjection(spec, model, factor) for spec, factor in
+                  ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ds_config = deepspeed_config(t, precision, grad_accum)
     if resume and resume.needs_universal(world_size):
@@ -216,14 +218,16 @@ def train(cfg, data_path, meta, grad_accum, resume):
     stop = StopSignal(t.time_limit_minutes)
     last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
     bad_in_a_row = bad_total = 0
+    recent_losses = collections.deque(maxlen=t.spike_window)
     tick = time.perf_counter()
-    for step in range(start_step, t.max_steps):
+    step = start_step
+    while step < t.max_steps:
         step_start = time.perf_counter()
         done = step + 1
         logging_step = done % t.log_every == 0 or done == t.max_steps
         monitoring = monitor is not None and monitor.due(done)
-        if injection:
-            injection.step = done
+        for injection in injections:
+            injection.begin_step(done)
         loss_sum, grad_norm = train_step(engine, model, optimizer, batches, samples_seen, grad_accum, logging_step,
                                          monitor.before_step if monitoring else None)
         if optimizer.skipped:
@@ -254,11 +258,35 @@ def train(cfg, data_path, meta, grad_accum, resume):
             log.write({"step": done, "val_loss": val_loss}, "val")
             log.info(f"step {done}: val_loss {val_loss:.4f} (unigram entropy {meta['unigram_entropy']:.4f})")
 
-        signalled, out_of_time, save_due = agreed_flags([
+        spiked = False
+        if t.spike_factor and not optimizer.skipped:
+            local_loss = loss_sum.item() / grad_accum
+            full = len(recent_losses) == recent_losses.maxlen
+            spiked = full and local_loss > t.spike_factor * sum(recent_losses) / len(recent_losses)
+            if not spiked:
+                recent_losses.append(local_loss)
+        signalled, out_of_time, save_due, spiked = agreed_flags([
             stop.signal is not None,
             stop.out_of_time(time.perf_counter() - step_start, save_seconds),
             t.save_every_minutes and time.monotonic() - last_save >= 60 * t.save_every_minutes,
+            spiked,
         ], device)
+        point = checkpointer.newest() if spiked else None
+        if point:
+            # back to the last checkpoint's weights, optimizer, schedule and RNG; the data goes on, so
+            # the batches since that checkpoint (the spike's among them) are skipped
+            checkpointer.load(point)
+            log.rewind(point.step)
+            if monitor:
+                monitor.rewind(point.step)
+            log.write({"step": point.step, "rollback_from": done,
+                       "skipped_samples": samples_seen - point.marker["samples_seen"]}, "rollback")
+            log.info(f"step {done}: loss spike; rolled back to step {point.step}, skipping "
+                     f"{samples_seen - point.marker['samples_seen']} samples")
+            step = point.step
+            continue
+        if spiked:
+            log.info(f"step {done}: loss spike, but no checkpoint to roll back to yet; continuing")
         diverged = bad_in_a_row >= t.max_bad_steps
         stopping = signalled or out_of_time or diverged or done == t.stop_at_step
         if stopping or save_due or done == t.max_steps or (t.save_every and done % t.save_every == 0):
@@ -278,6 +306,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
                 if rank == 0:
                     request_requeue()
             break
+        step += 1
     log.close()
     dist.barrier()
     return exit_code

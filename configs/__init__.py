@@ -100,9 +100,11 @@ def _check(cfg):
     if m.surgery.site == "residual" and m.surgery.tau == 1.0 and m.norm != "pre":
         raise ConfigError("model.surgery.tau=1.0 at model.surgery.site=residual makes position 1 a constant after the "
                           "LayerNorm (its cumulative mean is itself): use tau < 1 or model.surgery.site=attn_out")
-    if t.inject_nonfinite and int(t.inject_nonfinite.split(":")[0]) >= m.n_layers:
-        raise ConfigError(f"train.inject_nonfinite={t.inject_nonfinite!r} names layer "
-                          f"{t.inject_nonfinite.split(':')[0]}, the model has layers 0..{m.n_layers - 1}")
+    for key in ("inject_nonfinite", "inject_spike"):
+        spec = getattr(t, key)
+        if spec and int(spec.split(":")[0]) >= m.n_layers:
+            raise ConfigError(f"train.{key}={spec!r} names layer {spec.split(':')[0]}, the model has layers "
+                              f"0..{m.n_layers - 1}")
     if m.spectral.lambda_min > m.spectral.lambda_max:
         raise ConfigError(f"model.spectral.lambda_min={m.spectral.lambda_min} exceeds "
                           f"model.spectral.lambda_max={m.spectral.lambda_max}")

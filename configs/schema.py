@@ -136,6 +136,13 @@ class TrainConfig:
                                     check=non_negative)
     max_bad_steps: int = opt(10, "stop (with a checkpoint of the last good state) after this many non-finite steps in a row",
                              check=positive)
+    spike_factor: float = opt(
+        0.0, "roll back to the newest checkpoint when a step's loss exceeds spike_factor x the mean of the last "
+        "spike_window steps; the batches since that checkpoint are skipped (0 = off)", check=non_negative)
+    spike_window: int = opt(20, "steps in the running mean that loss spikes are measured against", check=positive)
+    inject_spike: str = opt("", "fault injection to test the rollback: LAYER:STEP[:COUNT] scales that block's output by 100",
+                            check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+(:\d+)?", v) is not None,
+                                   "empty or LAYER:STEP[:COUNT], e.g. 3:100"))
     inject_nonfinite: str = opt("", "fault injection to test the guard: LAYER:STEP[:COUNT] makes that block's output NaN",
                                 check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+(:\d+)?", v) is not None,
                                        "empty or LAYER:STEP[:COUNT], e.g. 3:100"))

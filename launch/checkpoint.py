@@ -206,6 +206,11 @@ class Checkpointer:
             self.prune()
         dist.barrier()
 
+    def newest(self):
+        """The newest complete checkpoint of this run, or None."""
+        done = complete_checkpoints(self.directory)
+        return ResumePoint(done[-1], verify(done[-1], None)) if done else None
+
     def prune(self):
         """Keep the newest train.keep_last complete checkpoints (and their universal conversions)."""
         for old in complete_checkpoints(self.directory)[: -self.cfg.train.keep_last]:

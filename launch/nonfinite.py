@@ -88,14 +88,21 @@ def agreed_min_layer(layer, device):
 
 
 class FaultInjection:
-    """train.inject_nonfinite="LAYER:STEP[:COUNT]": the output of block LAYER becomes NaN during
-    steps STEP .. STEP+COUNT-1, to test the guard end to end."""
+    """"LAYER:STEP[:COUNT]": the output of block LAYER is multiplied by `factor` during steps
+    STEP .. STEP+COUNT-1, to test the guard (train.inject_nonfinite, NaN) and the loss-spike
+    rollback (train.inject_spike, 100) end to end."""
 
-    def __init__(self, spec, model):
+    def __init__(self, spec, model, factor):
         layer, first, *count = (int(v) for v in spec.split(":"))
         self.steps = range(first, first + (count[0] if count else 1))
-        self.step = 0
+        self.factor = factor
+        self.active, self.seen = False, set()
         model.blocks[layer].register_forward_hook(self.hook)
 
+    def begin_step(self, step):
+        """A step number seen again after a rollback is not hit again (the fault was in that batch)."""
+        self.active = step in self.steps and step not in self.seen
+        self.seen.add(step)
+
     def hook(self, module, inputs, output):
-        return output * float("nan") if self.step in self.steps else output
+        return output * self.factor if self.active else output

@@ -25,16 +25,27 @@ class RunLog:
         self.enabled = enabled
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        out_dir = Path(out_dir)
-        metrics = out_dir / "metrics.jsonl"
-        if start_step:
-            truncate_metrics(metrics, start_step)
-        self.metrics = open(metrics, "a" if start_step else "w")
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.out_dir = Path(out_dir)
+        self._open(start_step, fresh=not start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+    def _open(self, start_step, fresh):
+        from torch.utils.tensorboard import SummaryWriter
+
+        metrics = self.out_dir / "metrics.jsonl"
+        if not fresh:
+            truncate_metrics(metrics, start_step)
+        self.metrics = open(metrics, "w" if fresh else "a")
+        self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=None if fresh else start_step + 1)
+
+    def rewind(self, step):
+        """Continue the logs from `step` again (after a rollback to its checkpoint)."""
+        if self.enabled:
+            self.metrics.close()
+            self.tb.close()
+            self._open(step, fresh=False)
 
     def write(self, record, tb_prefix):
         if not self.enabled:

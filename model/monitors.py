@@ -57,13 +57,16 @@ class CollapseMonitor:
         self.log = log
         self.path = Path(out_dir) / "monitors.jsonl"
         self.history = []
-        if log.enabled:
-            # a resumed run continues the file without the steps it will record again
-            self.history = read_monitor_lines(self.path, start_step)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.rewind(start_step)
         self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if layer["cos_sim"] >= self.threshold}
         self.gradients = None
         self.deepest_cos = self.history[-1]["layers"][-1]["cos_sim"] if self.history else None
+
+    def rewind(self, step):
+        """Forget the records after `step`: a resumed (or rolled back) run records them again."""
+        if self.log.enabled:
+            self.history = read_monitor_lines(self.path, step) if step else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def due(self, step):
         return self.every > 0 and step % self.every == 0

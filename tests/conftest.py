@@ -86,13 +86,17 @@ def tiny_data(tmp_path_factory):
     return out
 
 
+def train_tiny(data, out, *extra):
+    """A 40-step run of the tiny model through train.py."""
+    run_cli("train.py", *TINY_MODEL, f"data.path={data}", f"train.out_dir={out}", "train.max_steps=40",
+            "train.log_every=5", "train.eval_every=20", *extra)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory):
     """One short training run through train.py, shared by the tests that read its outputs."""
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=40",
-            "train.log_every=5", "train.eval_every=20", "monitor.every=10")
-    return out
+    return train_tiny(tiny_data, tmp_path_factory.mktemp("runs") / "tiny", "monitor.every=10")
 
 
 @pytest.fixture(scope="session")

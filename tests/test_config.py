@@ -3,7 +3,7 @@
 import pytest
 
 from configs import ConfigError, load_config, schema_fields
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT
 
 
 def test_defaults_are_a_deep_post_norm_model():
@@ -28,49 +28,19 @@ def test_each_preset_alone_gives_its_method_and_keys_combine_them():
     assert (cfg.model.attention, cfg.model.surgery.site) == ("shaped", "residual")
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.n_layer=4"], "unknown config key 'model.n_layer': did you mean model.n_layers?"),
-    (["trian.lr=1"], "did you mean train.lr?"),
-    (["model.n_layers=abc"], "model.n_layers='abc' (command line) is not allowed: it must be of type int"),
-    (["train.max_steps=-3"], "train.max_steps=-3 is not allowed: it must be a number > 0"),
-    (["model.d_model=100", "model.n_heads=3"], "model.d_model=100 is not divisible by model.n_heads=3"),
-    (["model.norm=sandwich"], "model.norm='sandwich' is not allowed: choose one of post, pre, deepnorm"),
-    (["model.surgery.tau=1.5"], "model.surgery.tau=1.5 is not allowed: it must be a number in [0, 1]"),
-    (["train.seq_len=512"], "train.seq_len=512 exceeds model.max_seq_len=256"),
-    (["model.spectral.lambda_min=2"], "model.spectral.lambda_min=2.0 exceeds model.spectral.lambda_max=1.0"),
-    (["n_layers"], "bad override 'n_layers': write key=value"),
-    (["train.zero_stage=4"], "train.zero_stage=4 is not allowed: choose one of 0, 1, 2, 3"),
-    (["train.offload_optimizer=true"], "train.offload_optimizer=true needs train.zero_stage >= 1"),
-    (["train.deepspeed_config=nope.json"], "train.deepspeed_config='nope.json' not found"),
-])
-def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config([], overrides)
-    assert message in str(e.value)
-
-
-def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="config file 'missing.yaml' not found"):
-        load_config(["missing.yaml"])
+def test_unknown_key_in_a_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: {n_layers: 4\n")
-    with pytest.raises(ConfigError, match="is not valid YAML"):
-        load_config([bad])
     bad.write_text("model: {n_layerz: 4}\n")
     with pytest.raises(ConfigError, match="did you mean model.n_layers"):
         load_config([bad])
 
 
-@pytest.mark.parametrize("args", [
-    ["model.n_layer=4"], ["model.d_model=100", "model.n_heads=3"], ["--config", "missing.yaml"],
-    ["data.path=/nonexistent/data"],
-])
-def test_train_py_exits_2_with_one_line_before_importing_torch(args):
-    proc = run_cli("-X", "importtime", "train.py", *args, check=False)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
-    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-2000:]
-    assert "| torch" not in proc.stderr and "| deepspeed" not in proc.stderr
+def test_string_overrides_are_taken_as_written():
+    # YAML would read 1:30 as the sexagesimal number 90
+    assert load_config([], ["train.inject_nonfinite=1:30"]).train.inject_nonfinite == "1:30"
+
+
+# The other bad inputs are checked through train.py, as a user meets them, in tests/test_robustness.py.
 
 
 def test_readme_documents_every_key():

@@ -19,7 +19,7 @@ from model.metrics import (
     t_sim,
 )
 from model.monitors import CollapseMonitor
-from tests.conftest import TINY_MODEL, run_cli
+from tests.conftest import run_cli, train_tiny
 from tests.test_train import read_jsonl
 
 
@@ -92,10 +92,7 @@ def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
 
 @pytest.fixture(scope="session")
 def unmonitored_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "unmonitored"
-    run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=40",
-            "train.log_every=5", "train.eval_every=20", "monitor.every=0")
-    return out
+    return train_tiny(tiny_data, tmp_path_factory.mktemp("runs") / "unmonitored", "monitor.every=0")
 
 
 def test_monitors_do_not_change_the_trajectory(tiny_run, unmonitored_run):

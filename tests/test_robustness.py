@@ -40,6 +40,8 @@ BAD_INPUTS = [
     (["train.keep_last=0"], "train.keep_last=0 is not allowed"),
     (["train.inject_nonfinite=abc"], "must be empty or LAYER:STEP[:COUNT]"),
     (["train.inject_nonfinite=9:1"], "names layer 9, the model has layers 0..1"),
+    (["train.inject_spike=2:5"], "train.inject_spike='2:5' names layer 2, the model has layers 0..1"),
+    (["train.spike_window=0"], "train.spike_window=0 is not allowed"),
     (["monitor.collapse_threshold=2"], "monitor.collapse_threshold=2.0 is not allowed: it must be a number in [0, 1]"),
     (["monitor.every=-1"], "monitor.every=-1 is not allowed"),
     (["data.vocab_size=100"], "data.vocab_size=100 is not allowed: it must be an integer >= 260"),
@@ -113,3 +115,18 @@ def test_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(guarded_runs):
     assert "stopped: 2 non-finite steps in a row (train.max_bad_steps), first in the activations of layer 0" in stop.stderr
     marker = json.loads((root / "stop" / "checkpoints" / "step_00000005" / "fathom_complete.json").read_text())
     assert marker["step"] == 5
+
+
+def test_a_loss_spike_rolls_back_and_skips_its_batches(tiny_data, tmp_path):
+    out = tmp_path / "spike"
+    proc = run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=20",
+                   "train.log_every=1", "train.micro_batch_size=8", "train.save_every=5", "monitor.every=5",
+                   "train.spike_factor=2", "train.spike_window=5", "train.inject_spike=1:13")
+    assert "step 13: loss spike; rolled back to step 10, skipping 24 samples" in proc.stderr
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert [r for r in lines if "rollback_from" in r] == [{"step": 10, "rollback_from": 13, "skipped_samples": 24}]
+    train = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 21))  # the rolled-back steps are logged once
+    assert train[10]["samples"] == train[9]["samples"] + 24 + 8  # step 11 starts after the skipped batches
+    assert max(r["loss"] for r in train) < 10  # the spiked update was never applied
+    assert [r["step"] for r in read_jsonl(out / "monitors.jsonl")] == [0, 5, 10, 15, 20]
