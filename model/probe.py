@@ -8,21 +8,20 @@ similarity, the similarity ratio t_sim, the stable rank and the activation RMS (
 
 import argparse
 import json
-import sys
 
 from configs import exit_on_error, load_config
 
 
 def held_out_tokens(cfg, batch, seq_len):
     """The first `batch` windows of the validation split of the configured data."""
+    import numpy as np
+    import torch
+
     from data.loader import TokenShards
     from train import resolve_data
 
     path, _ = exit_on_error(resolve_data, cfg)
     shards = TokenShards(path, "val", seq_len)
-    import numpy as np
-    import torch
-
     return torch.from_numpy(shards.windows(np.arange(batch))[:, :-1])
 
 
@@ -88,14 +87,13 @@ def main(argv=None):
     if args.plot:
         plot({f"{d} layers": r for d, r in results.items()}, args.plot, " + ".join(args.config) or "defaults")
     if args.json:
-        out = results[str(depths[0])] if not args.depths else None
-        print(json.dumps({"layers": out} if out is not None else {"depths": {d: {"layers": r} for d, r in results.items()}}))
+        by_depth = {d: {"layers": r} for d, r in results.items()}
+        print(json.dumps({"depths": by_depth} if args.depths else by_depth[str(depths[0])]))
         return
     for depth, layers in results.items():
         print(f"depth {depth}:  layer  cos_sim  t_sim  stable_rank  rms")
         for r in layers:
             print(f"{r['layer']:>14d}  {r['cos_sim']:7.4f}  {r['t_sim']:5.3f}  {r['stable_rank']:11.2f}  {r['rms']:.3f}")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -112,3 +112,15 @@ def test_monitor_file_and_plots_of_a_real_run(tiny_run, tmp_path):
     proc = run_cli("-m", "model.plot_monitors", "--run", str(tiny_run), "--output", str(tmp_path), "--metrics", "cos_sim")
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cos_sim_heatmap.png", "cos_sim_vs_depth.png"]
     assert "cos_sim_heatmap.png" in proc.stdout
+
+
+def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
+    common = ["-m", "model.probe", "--config", "configs/methods/vanilla.yaml", "model.init=fanin", "model.d_model=32",
+              "model.n_heads=2", f"data.path={tiny_data}", "--json"]
+    one = json.loads(run_cli(*common, "model.n_layers=3").stdout)
+    assert [r["layer"] for r in one["layers"]] == [0, 1, 2]
+    assert {"cos_sim", "t_sim", "stable_rank", "rms"} <= set(one["layers"][0])
+    many = json.loads(run_cli(*common, "--depths", "2,24", "--plot", str(tmp_path / "p.png")).stdout)
+    deep = many["depths"]["24"]["layers"]
+    assert len(deep) == 24 and deep[-1]["cos_sim"] > 0.9  # vanilla post-norm with fan-in init collapses
+    assert (tmp_path / "p.png").is_file()
