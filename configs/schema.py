@@ -17,8 +17,6 @@ def opt(default, help, choices=None, check=None):
         meta["choices"] = tuple(choices)
     if check is not None:
         meta["check"] = check
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
