@@ -10,6 +10,8 @@ method's preset, model.n_layers and model.init set and collapse monitors on. A c
 below its first) is recorded as diverged and the sweep goes on. The report (DIR/results.csv,
 results.md and PNGs) is rewritten after every cell.
 
+    --jobs N      run N cells at once, each with its share of the CPU cores and, on a GPU node, its
+                  own GPU (one of CUDA_VISIBLE_DEVICES, or 0..N-1)
     --slurm       write DIR/sweep.sbatch, a SLURM array job with one task per cell (sbatch it, then
                   run this command again with --report to collect)
     --cell N      run only cell N (what each array task does)
@@ -20,9 +22,13 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,7 +40,8 @@ COLUMNS = ["method", "depth", "init", "status", "final_loss", "final_val_loss", 
 
 
 def cells(methods, depths, inits):
-    return [(m, d, i) for i in inits for m in methods for d in depths]
+    """Shallow depths first, so that an unfinished sweep has whole rows of the table."""
+    return [(m, d, i) for d in depths for i in inits for m in methods]
 
 
 def cell_dir(output, cell):
@@ -76,20 +83,61 @@ def cell_result(directory, cell, returncode, threshold):
     }
 
 
-def run_cell(args, cell, threshold):
+def run_cell(args, cell, threshold, env=None):
     directory = cell_dir(args.output, cell)
     if (directory / "result.json").is_file():
         print(f"{directory.name}: complete, skipped", file=sys.stderr)
         return
     print(f"{directory.name}: training", file=sys.stderr)
     proc = subprocess.run(train_command(args, cell), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, env=env)
     if proc.returncode == 2:  # bad input: the same for every cell, so stop the sweep with its message
         raise ConfigError(f"{directory.name}: {proc.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
     if proc.returncode not in (0, 3):
         (directory / "train.stderr").write_text(proc.stderr)
     result = cell_result(directory, cell, proc.returncode, threshold)
-    (directory / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    # written whole, then renamed: a report running beside this job never reads half a result
+    (directory / "result.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
+    (directory / "result.json.tmp").replace(directory / "result.json")
+
+
+def job_environments(jobs):
+    """One environment per concurrent job: an equal share of the cores (so that N jobs do not
+    oversubscribe them) and one GPU each. With one job the caller's environment is kept."""
+    if jobs == 1:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(jobs)]
+    if jobs > len(gpus):
+        raise ConfigError(f"--jobs {jobs}: CUDA_VISIBLE_DEVICES={visible} lists only {len(gpus)} GPUs; "
+                          f"use --jobs {len(gpus)} or list more GPUs")
+    threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    return [{**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:jobs]]
+
+
+def run_grid(args, grid, threshold):
+    """Every cell, args.jobs at a time; the report is rewritten after each, so that an interrupted
+    sweep still has its table."""
+    free = SimpleQueue()
+    for env in job_environments(args.jobs):
+        free.put(env)
+    reporting = threading.Lock()
+
+    def job(cell):
+        env = free.get()
+        try:
+            run_cell(args, cell, threshold, env)
+        finally:
+            free.put(env)
+        with reporting:
+            report(args, grid)
+
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
+        for done in [pool.submit(job, cell) for cell in grid]:
+            done.result()
+    finally:  # after bad input, start no further cell
+        pool.shutdown(cancel_futures=True)
 
 
 def probe_cell(args, cell, tokens):
@@ -187,6 +235,7 @@ def main(argv=None):
                     help="preset names from configs/methods/")
     ap.add_argument("--inits", default="gpt2", help="model.init values")
     ap.add_argument("--output", required=True)
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (cores or GPUs split between them)")
     ap.add_argument("--slurm", action="store_true")
     ap.add_argument("--cell", type=int)
     ap.add_argument("--report", action="store_true", help="only collect results.* and plots from finished cells")
@@ -197,6 +246,9 @@ def main(argv=None):
     methods, inits = args.methods.split(","), args.inits.split(",")
 
     def validate():
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
+        job_environments(args.jobs)
         for method in methods:
             if not (ROOT / f"configs/methods/{method}.yaml").is_file():
                 raise ConfigError(f"--methods: no preset configs/methods/{method}.yaml")
@@ -224,9 +276,8 @@ def main(argv=None):
     if args.cell is not None:  # one task of the SLURM array; --report collects afterwards
         exit_on_error(run_cell, args, grid[args.cell], base.monitor.collapse_threshold)
         return
-    for cell in [] if args.report else grid:
-        exit_on_error(run_cell, args, cell, base.monitor.collapse_threshold)
-        report(args, grid)  # after every cell, so an interrupted sweep still has its table
+    if not args.report:
+        exit_on_error(run_grid, args, grid, base.monitor.collapse_threshold)
     report(args, grid)
     print(f"results: {Path(args.output) / 'results.md'}")
 

@@ -2,7 +2,9 @@
 interrupted one resumes, a diverging one is recorded as diverged."""
 
 import csv
+import os
 
+from launch.sweep import job_environments
 from tests.conftest import COMMON, records, run_cli
 
 GRID = ["--methods", "vanilla,gapfree", "--depths", "1,2", "--inits", "gpt2"]
@@ -23,7 +25,7 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     partial = out / "gapfree-L2-gpt2"  # as if the sweep had been killed in the middle of this cell
     run_cli("train.py", "--config", "configs/methods/gapfree.yaml", *COMMON, f"data.path={tiny_data}", "model.n_layers=2",
             "model.init=gpt2", "monitor.every=3", f"train.out_dir={partial}", "train.stop_at_step=3")
-    first = sweep(out, tiny_data)
+    first = sweep(out, tiny_data, "--jobs", "2")
     assert first.stderr.count(": training") == 4
     assert [r["step"] for r in records(partial)] == list(range(1, 7))  # resumed, no step twice
     table = rows(out)
@@ -57,3 +59,18 @@ def test_bad_sweep_input_is_one_line(tiny_data, tmp_path):
     proc = run_cli("launch/sweep.py", "--methods", "vanila", "--depths", "2", "--output", str(tmp_path / "s"),
                    f"data.path={tiny_data}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --methods: no preset configs/methods/vanila.yaml"
+
+
+def test_jobs_split_cores_and_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    envs = job_environments(2)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["4", "6"]
+    assert all(e["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2)) for e in envs)
+    assert job_environments(1) == [None]  # one job runs in the caller's environment, untouched
+
+
+def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
+    proc = run_cli("launch/sweep.py", "--depths", "2", "--jobs", "3", "--output", str(tmp_path / "s"),
+                   f"data.path={tiny_data}", check=False, env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --jobs 3: CUDA_VISIBLE_DEVICES=0,1 lists only 2 GPUs; use --jobs 2 or list more GPUs")
