@@ -20,6 +20,7 @@ results.md and PNGs) is rewritten after every cell.
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -196,16 +197,41 @@ def plot(output, rows):
         plt.close(fig)
 
 
-def deepest_heatmaps(output, rows):
-    """Per-layer cosine over training of every method at the deepest depth (one panel each)."""
-    from model.plot_monitors import plot_run
+def heatmaps(output, rows):
+    """Per-layer cosine over training, one panel per cell: cos_sim_heatmaps_L<depth>.png for each
+    depth, where collapse during training shows as a layer band turning bright."""
+    import matplotlib
 
-    deepest = max(r["depth"] for r in rows)
-    for r in rows:
-        if r["depth"] == deepest and r["status"] != "init only":
-            directory = cell_dir(output, (r["method"], r["depth"], r["init"]))
-            if (directory / "monitors.jsonl").is_file():
-                plot_run(directory, metrics=["cos_sim"], output=Path(output) / "plots" / directory.name, title=directory.name)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from model.monitors import metric_grid, read_monitor_lines
+
+    trained = [r for r in rows if r["status"] != "init only"]
+    for depth in sorted({r["depth"] for r in trained}):
+        inits = list(dict.fromkeys(r["init"] for r in trained if r["depth"] == depth))
+        methods = list(dict.fromkeys(r["method"] for r in trained if r["depth"] == depth))
+        fig, axes = plt.subplots(len(inits), len(methods), figsize=(1 + 2.4 * len(methods), 0.6 + 2.2 * len(inits)),
+                                 squeeze=False, sharex=True, sharey=True, layout="constrained")
+        image = None
+        for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
+            history = read_monitor_lines(cell_dir(output, (method, depth, init)) / "monitors.jsonl")
+            if not history:
+                axes[i][j].set_axis_off()
+                continue
+            grid, steps = metric_grid(history, "cos_sim")
+            image = axes[i][j].imshow(grid, aspect="auto", origin="lower", interpolation="nearest", vmin=0, vmax=1,
+                                      extent=(steps[0], steps[-1], -0.5, grid.shape[0] - 0.5))
+            axes[i][j].set_title(f"{method}, {init}", fontsize=9)
+        if image is not None:
+            for ax in axes[-1]:
+                ax.set_xlabel("step")
+            for ax in axes[:, 0]:
+                ax.set_ylabel("layer")
+            fig.colorbar(image, ax=axes, label="token cos_sim")
+            fig.suptitle(f"depth {depth}: per-layer token cosine over training")
+            fig.savefig(Path(output) / f"cos_sim_heatmaps_L{depth}.png", dpi=100)
+        plt.close(fig)
 
 
 def slurm_script(args, grid):
@@ -287,7 +313,7 @@ def report(args, grid):
             if (cell_dir(args.output, c) / "result.json").is_file()]
     if rows:
         write_report(args.output, rows)
-        deepest_heatmaps(args.output, rows)
+        heatmaps(args.output, rows)
 
 
 if __name__ == "__main__":
