@@ -54,8 +54,10 @@ def losses(out_dir):
 
 def train(how, out_dir, data, *extra, check=True):
     program, launch = launcher(how)
+    # one thread per rank under every launcher (torchrun sets it, deepspeed leaves torch's default):
+    # with the thread count, and so the order of CPU reductions, fixed, runs compare bit for bit
     return run_cli(*launch, "train.py", *COMMON, *extra, f"data.path={data}", f"train.out_dir={out_dir}",
-                   program=program, env={"DS_ACCELERATOR": "cpu"}, check=check)
+                   program=program, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, check=check)
 
 
 @pytest.fixture(scope="session")
