@@ -191,6 +191,10 @@ def plot(output, rows):
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=method)
             ax.set(xscale="log", xlabel="depth (layers)", title=f"init={init}", ylabel=metric)
+            # log ticks like 2×10^1 say nothing; the swept depths are the only x values that exist
+            depths = sorted({r["depth"] for r in rows if r["init"] == init})
+            ax.set_xticks(depths, [str(d) for d in depths], minor=False)
+            ax.set_xticks([], minor=True)
         axes[0][-1].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(output / name, dpi=110)
