@@ -210,6 +210,7 @@ def heatmaps(output, rows):
     import matplotlib.pyplot as plt
 
     from model.monitors import metric_grid, read_monitor_lines
+    from model.plot_monitors import draw_heatmap
 
     trained = [r for r in rows if r["status"] != "init only"]
     for depth in sorted({r["depth"] for r in trained}):
@@ -224,8 +225,7 @@ def heatmaps(output, rows):
                 axes[i][j].set_axis_off()
                 continue
             grid, steps = metric_grid(history, "cos_sim")
-            image = axes[i][j].imshow(grid, aspect="auto", origin="lower", interpolation="nearest", vmin=0, vmax=1,
-                                      extent=(steps[0], steps[-1], -0.5, grid.shape[0] - 0.5))
+            image = draw_heatmap(axes[i][j], grid, steps, "cos_sim")
             axes[i][j].set_title(f"{method}, {init}", fontsize=9)
         if image is not None:
             for ax in axes[-1]:

@@ -14,6 +14,13 @@ from model.monitors import metric_grid, read_monitor_lines
 DEFAULT_METRICS = "cos_sim,t_sim,stable_rank,rms,attn_sigma_ratio,grad_norm,update_ratio"
 
 
+def draw_heatmap(ax, grid, steps, metric):
+    """A layer × step grid on ax; cosine is drawn on a fixed 0..1 scale so that panels compare."""
+    bounds = (0, 1) if metric == "cos_sim" else (None, None)
+    return ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
+                     extent=(steps[0], steps[-1], -0.5, grid.shape[0] - 0.5), vmin=bounds[0], vmax=bounds[1])
+
+
 def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, title=None):
     import matplotlib
 
@@ -46,9 +53,7 @@ def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, t
         plt.close(fig)
 
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
-                          extent=(grid_steps[0], grid_steps[-1], -0.5, grid.shape[0] - 0.5),
-                          vmin=0 if metric == "cos_sim" else None, vmax=1 if metric == "cos_sim" else None)
+        image = draw_heatmap(ax, grid, grid_steps, metric)
         fig.colorbar(image, ax=ax, label=metric)
         ax.set(xlabel="step", ylabel="layer", title=f"{title}: {metric}")
         fig.tight_layout()
