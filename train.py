@@ -42,7 +42,7 @@ def resolve_data(cfg):
     else:
         from data.stdlib_corpus import stdlib_dataset
 
-        path = stdlib_dataset(cfg.data.cache_dir, cfg.data.vocab_size)
+        path = stdlib_dataset(cfg.data.cache_dir, cfg.data.tokenizer, cfg.data.vocab_size)
     try:
         meta = read_prepared(path)
     except DataError as e:
@@ -149,6 +149,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     import torch.distributed as dist
 
     from data.loader import TrainBatches, ValBatches
+    from data.meta import train_token_counts
     from launch.checkpoint import Checkpointer
     from launch.distributed import init_distributed
     from launch.nonfinite import (
@@ -177,6 +178,8 @@ def train(cfg, data_path, meta, grad_accum, resume):
 
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model)
+    if cfg.model.head_bias == "log_unigram":
+        model.init_head_bias(train_token_counts(data_path, meta))
     model.checkpoint_every = t.activation_checkpointing
     optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     injections = [FaultInjection(spec, model, factor) for spec, factor in

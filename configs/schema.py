@@ -49,15 +49,21 @@ class SpectralConfig:
     )
     lambda_min: float = opt(0.0, "smallest |eigenvalue| of W_V W_O", check=non_negative)
     lambda_max: float = opt(1.0, "largest |eigenvalue| of W_V W_O", check=positive)
-    init_lambda: float = opt(0.5, "|eigenvalue| of W_V W_O at init", check=positive)
+    init: str = opt("spread", "eigenvalues at init: spread = |lambda| uniform over [lambda_min, lambda_max]; equal = "
+                    "all init_lambda (then W_V W_O = -init_lambda I: surgery-like at init)", choices=("spread", "equal"))
+    init_lambda: float = opt(0.5, "|eigenvalue| of W_V W_O at init with spectral.init=equal", check=positive)
 
 
 @dataclass
 class ShapedConfig:
-    tau0: float = opt(1.0, "attention temperature tau = tau0 * sqrt(d_model * d_head) (Noci et al.)", check=positive)
+    temperature: str = opt("head", "attention temperature: head = tau0 sqrt(d_head) (He & Hofmann's causal practice), "
+                           "width = tau0 sqrt(d_model d_head) (Noci et al.)", choices=("head", "width"))
+    tau0: float = opt(1.0, "multiplies the attention temperature", check=positive)
     branch_gain: float = opt(1.0, "gain on the attention branch before the residual add", check=positive)
     mlp_gain: float = opt(0.42, "MLP branch gain = mlp_gain / sqrt(n_layers) (0.1 at 18 layers)", check=positive)
     trainable_gains: bool = opt(True, "train the per-head alpha, beta, gamma of shaped attention")
+    trainable_branch_gains: bool = opt(True, "train the attention and MLP branch gains (He & Hofmann), starting at "
+                                             "branch_gain and mlp_gain / sqrt(n_layers)")
 
 
 @dataclass
@@ -85,9 +91,15 @@ class ModelConfig:
     )
     init: str = opt(
         "gpt2",
-        "weight init: gpt2 (std 0.02, residual projections 0.02/sqrt(2L)), fanin (std 1/sqrt(fan_in)), xavier",
-        choices=("gpt2", "fanin", "xavier"),
+        "weight init: gpt2 (std 0.02, residual projections 0.02/sqrt(2L)), normal (std 0.02 everywhere), fanin "
+        "(std 1/sqrt(fan_in)), xavier",
+        choices=("gpt2", "normal", "fanin", "xavier"),
     )
+    qk_init: str = opt("base", "W_Q, W_K init: base = as model.init, xavier = Xavier-normal (Naderi et al.)",
+                       choices=("base", "xavier"))
+    head_bias: str = opt("log_unigram", "output bias of the LM head: none, zero, or log_unigram (log of the training split's "
+                                 "token frequencies)", choices=("none", "zero", "log_unigram"))
+    tie_embeddings: bool = opt(True, "share the token embedding with the LM head (GPT-2)")
     surgery: SurgeryConfig = sub(SurgeryConfig, "similarity surgery options")
     spectral: SpectralConfig = sub(SpectralConfig, "spectral parameterization options")
     shaped: ShapedConfig = sub(ShapedConfig, "shaped attention options")
@@ -151,14 +163,18 @@ class TrainConfig:
 class DataConfig:
     path: str = opt("", "directory written by `python -m data.prepare`; empty = the built-in stdlib corpus")
     cache_dir: str = opt("~/.cache/fathom", "where the built-in corpus is prepared once and reused")
+    tokenizer: str = opt("bpe", "tokenizer of the built-in corpus: bpe (trained, data.vocab_size) or bytes (256 byte values "
+                         "+ end-of-text)", choices=("bpe", "bytes"))
     vocab_size: int = opt(8192, "BPE vocabulary trained for the built-in corpus", check=(lambda v: v >= 260, "an integer >= 260"))
 
 
 @dataclass
 class MonitorConfig:
     every: int = opt(100, "steps between per-layer collapse measurements (also at step 0; 0 = off)", check=non_negative)
-    collapse_threshold: float = opt(0.9, "warn once per layer when its token cosine similarity reaches this",
+    collapse_threshold: float = opt(0.9, "a layer has collapsed when its token cosine similarity reaches this (or ...)",
                                     check=unit_interval)
+    stable_rank_threshold: float = opt(1.2, "... when its stable rank falls to this (1 = all tokens on one direction); "
+                                            "the monitors warn once per collapsed layer", check=(lambda v: v >= 1, "a number >= 1"))
     batch: int = opt(4, "held-out sequences (of train.seq_len tokens) in the probe batch", check=positive)
 
 

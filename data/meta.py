@@ -24,10 +24,11 @@ class MetaFile:
         self.data = data
 
     @classmethod
-    def new(cls, source, tok, directory, dtype):
+    def new(cls, source, tok, directory, dtype, val_split="documents"):
         return cls({
             "format": FORMAT,
             "source": source,
+            "val_split": val_split,
             "tokenizer": {"kind": tok.kind, "file": tok.filename, "vocab_size": tok.vocab_size,
                           "hash": file_sha256(Path(directory) / tok.filename)},
             "eot_id": tok.eot_id,
@@ -40,6 +41,8 @@ class MetaFile:
         self.data["splits"][split] = {"tokens": int(writer.tokens), "documents": documents, "shards": writer.names}
         if split == "train":
             self.data["unigram_entropy"] = writer.unigram_entropy()
+            # what model.head_bias=log_unigram starts the output bias from
+            self.data["train_token_counts"] = writer.counts.tolist()
 
     def check_usable(self, source):
         for split, info in self.data["splits"].items():
@@ -91,3 +94,18 @@ def check_vocabulary(path, meta, shards, fix, sample=1 << 22):
         if len(head) and int(head.max()) >= vocab:
             raise DataError(f"shard {path / name} holds token id {int(head.max())}, outside the tokenizer's "
                             f"vocabulary of {vocab}: the shards and tokenizer do not belong together; {fix}")
+
+
+def train_token_counts(path, meta, chunk=1 << 26):
+    """How often each token id occurs in the train split: from meta.json, or counted from the shards
+    for directories prepared before meta.json recorded it."""
+    import numpy as np
+
+    if "train_token_counts" in meta:
+        return np.asarray(meta["train_token_counts"], dtype=np.int64)
+    counts = np.zeros(meta["tokenizer"]["vocab_size"], dtype=np.int64)
+    for name in meta["splits"]["train"]["shards"]:
+        tokens = np.memmap(Path(path) / name, dtype=meta["dtype"], mode="r")
+        for start in range(0, len(tokens), chunk):
+            counts += np.bincount(tokens[start : start + chunk], minlength=len(counts))
+    return counts

@@ -1,11 +1,13 @@
 """Any corpus -> a trained tokenizer, flat token shards and meta.json, in one command.
 
-    python -m data.prepare --input SRC --output DIR [--tokenizer bpe|sentencepiece|PATH]
+    python -m data.prepare --input SRC --output DIR [--tokenizer bpe|sentencepiece|bytes|PATH]
                            [--vocab-size N] [--text-column NAME] [--val-fraction F] [--workers N]
 
 SRC is a file, a folder or a glob of text / JSONL / Parquet files, a `datasets` dataset saved with
 `save_to_disk`, or a dataset name for `datasets.load_dataset`. Text files give one document per
-file; JSONL and Parquet one per row (`--text-column`). Output (read by data/loader.py):
+file; JSONL and Parquet one per row (`--text-column`). Documents go to the val split by content
+hash; a corpus too small for that (a single file) holds out evenly spaced blocks of each document.
+Output (read by data/loader.py):
     DIR/meta.json  DIR/tokenizer.json|tokenizer.model  DIR/train_0000.bin ...  DIR/val_0000.bin ...
 Everything is written under a temporary name and renamed when complete, so a crash never leaves
 a half-prepared directory that looks done.
@@ -14,6 +16,7 @@ a half-prepared directory that looks done.
 import argparse
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -33,6 +36,65 @@ def is_validation(document, val_fraction):
     """A document's split depends on its content alone, so it never changes with input order."""
     h = int.from_bytes(hashlib.blake2b(document.encode("utf-8", "replace"), digest_size=8).digest(), "little")
     return h / 2**64 < val_fraction
+
+
+class DocumentSplit:
+    """Whole documents go to val by content hash: the usual split of a corpus with many documents."""
+
+    name = "documents"
+
+    def __init__(self, val_fraction):
+        self.val_fraction = val_fraction
+
+    def pieces(self, text, split):
+        """The parts of one document that belong to `split`, each to be tokenized as a document."""
+        return [text] if text and is_validation(text, self.val_fraction) == (split == "val") else []
+
+
+def line_start(text, position):
+    """The first line start at or after `position` (or the end of the text)."""
+    if position <= 0:
+        return 0
+    newline = text.find("\n", position - 1)
+    return len(text) if newline < 0 else newline + 1
+
+
+class BlockSplit(DocumentSplit):
+    """Every document is cut into blocks of about BLOCK characters at line starts, and evenly spaced
+    blocks (a val_fraction of them) go to val; a document shorter than 1/val_fraction blocks gives
+    val its last val_fraction instead.
+
+    For corpora with too few documents for the hash split (one novel, a few dozen files): both
+    splits come from all of each document, so a single file that changes in style along its length
+    (a dump of several books) still gets a validation split like its training split."""
+
+    name = "blocks"
+    BLOCK = 4096
+
+    def pieces(self, text, split):
+        n, f = len(text), self.val_fraction
+        bounds = sorted({line_start(text, k * self.BLOCK) for k in range(math.ceil(n / self.BLOCK))} | {n})
+        blocks = list(zip(bounds[:-1], bounds[1:]))
+        if len(blocks) * f < 1:
+            cut = line_start(text, int(n * (1 - f)))
+            val = [(cut, n)] if cut < n else []
+        else:
+            val = [b for i, b in enumerate(blocks) if math.floor((i + 1) * f) > math.floor(i * f)]
+        if split == "val":
+            return [text[a:b] for a, b in val]
+        edges = [0, *(x for block in val for x in block), n]
+        return [text[a:b] for a, b in zip(edges[::2], edges[1::2]) if b > a]
+
+
+def choose_split(ds, val_fraction, source):
+    """The hash split when it gives both splits at least one document, else the block split."""
+    counts = [0, 0]
+    for row in ds:
+        if row["text"]:
+            counts[is_validation(row["text"], val_fraction)] += 1
+    if not any(counts):
+        raise DataError(f"input {source!r} holds no text: point --input at non-empty documents")
+    return DocumentSplit(val_fraction) if all(counts) else BlockSplit(val_fraction)
 
 
 def input_files(src):
@@ -83,13 +145,11 @@ def load_documents(src, text_column="text", streaming=False):
         else ds.select_columns(["text"])
 
 
-def text_batches(ds, val_fraction, split, batch=1000):
-    """Non-empty documents of one split, in batches of strings."""
-    want_val = split == "val"
+def text_batches(ds, splitter, split, batch=1000):
+    """The non-empty text of one split, in batches of strings."""
     buf = []
     for row in ds:
-        text = row["text"]
-        if text and is_validation(text, val_fraction) == want_val:
+        for text in splitter.pieces(row["text"] or "", split):
             buf.append(text)
             if len(buf) == batch:
                 yield buf
@@ -134,14 +194,14 @@ class ShardWriter:
         return float(-(p * np.log(p)).sum())
 
 
-def tokenize(ds, tok, val_fraction, split, workers):
+def tokenize(ds, tok, splitter, split, workers):
     """Token ids of one split as batches of flat arrays, each document followed by end-of-text."""
     import datasets
 
     eot = tok.eot_id
 
     def encode(batch):
-        keep = [t for t in batch["text"] if t and is_validation(t, val_fraction) == (split == "val")]
+        keep = [piece for t in batch["text"] for piece in splitter.pieces(t or "", split)]
         ids = tok.encode_batch(keep)
         return {"ids": [np.concatenate([np.asarray(i, dtype=np.int64), [eot]]) for i in ids]}
 
@@ -157,9 +217,9 @@ def tokenize(ds, tok, val_fraction, split, workers):
         yield np.concatenate(list(mapped[start : start + 1000]["ids"]))
 
 
-def make_tokenizer(spec, ds, vocab_size, val_fraction):
+def make_tokenizer(spec, ds, vocab_size, splitter):
     if spec in KINDS:
-        return KINDS[spec].train(text_batches(ds, val_fraction, "train"), vocab_size)
+        return KINDS[spec].train(text_batches(ds, splitter, "train"), vocab_size)
     return load_tokenizer(spec)
 
 
@@ -170,21 +230,19 @@ def prepare(ds, output, tokenizer="bpe", vocab_size=8192, val_fraction=0.02, wor
         raise DataError(f"output {str(output)!r} already exists and is not empty: choose a new --output or remove it")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1")
-    first = next(text_batches(ds, 1.0, "val", batch=1), None)
-    if first is None:
-        raise DataError(f"input {source!r} holds no text: point --input at non-empty documents")
+    splitter = choose_split(ds, val_fraction, source)
 
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tok = make_tokenizer(tokenizer, ds, vocab_size, val_fraction)
+        tok = make_tokenizer(tokenizer, ds, vocab_size, splitter)
         tok.save(tmp)
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-        meta = MetaFile.new(source, tok, tmp, np.dtype(dtype).name)
+        meta = MetaFile.new(source, tok, tmp, np.dtype(dtype).name, splitter.name)
         for split in ("train", "val"):
             writer = ShardWriter(tmp, split, dtype, tok.vocab_size)
-            for ids in tokenize(ds, tok, val_fraction, split, workers):
+            for ids in tokenize(ds, tok, splitter, split, workers):
                 writer.write(ids)
             writer.close()
             meta.add_split(split, writer)
@@ -202,10 +260,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", required=True, help="file, folder, glob, saved dataset or dataset name")
     ap.add_argument("--output", required=True, help="new (or empty) directory to write")
-    ap.add_argument("--tokenizer", default="bpe", help="bpe, sentencepiece, or a tokenizer.json / .model to reuse")
-    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--tokenizer", default="bpe",
+                    help="bpe or sentencepiece (trained here), bytes (the 256 byte values + end-of-text, nothing "
+                         "trained), or a tokenizer.json / .model / tokenizer.bytes.json to reuse")
+    ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a trained tokenizer (bpe, sentencepiece)")
     ap.add_argument("--text-column", default="text", help="column of JSONL/Parquet/dataset inputs")
-    ap.add_argument("--val-fraction", type=float, default=0.02)
+    ap.add_argument("--val-fraction", type=float, default=0.02,
+                    help="share of documents held out (by content hash); with too few documents for that, the "
+                         "last share of every document")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
     ap.add_argument("--streaming", action="store_true", help="stream the input instead of caching it as Arrow")
     args = ap.parse_args(argv)

@@ -22,16 +22,17 @@ def stdlib_documents():
     return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
-def stdlib_dataset(cache_dir, vocab_size):
+def stdlib_dataset(cache_dir, tokenizer, vocab_size):
     """Directory of the prepared stdlib corpus; the first caller prepares it, others wait."""
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{vocab_size}"
+    kind = "bytes" if tokenizer == "bytes" else f"bpe{vocab_size}"
+    out = cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-{kind}"
     with FileLock(str(out) + ".lock"):
         if not (out / "meta.json").is_file():
             print(f"preparing the built-in corpus (Python stdlib) into {out} ...", file=sys.stderr)
             import datasets
 
             docs = datasets.Dataset.from_dict({"text": stdlib_documents()})
-            prepare(docs, out, vocab_size=vocab_size, source="python-stdlib")
+            prepare(docs, out, tokenizer=tokenizer, vocab_size=vocab_size, source="python-stdlib")
     return out

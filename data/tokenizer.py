@@ -1,10 +1,11 @@
 """The tokenizers Fathom trains or loads, behind one small interface.
 
-Both kinds travel with the data (saved next to meta.json) and give the same calls:
+Every kind travels with the data (saved next to meta.json) and gives the same calls:
 encode_batch(texts) -> lists of ids, decode(ids) -> text, vocab_size, eot_id.
 """
 
 import io
+import json
 from pathlib import Path
 
 EOT = "<|endoftext|>"
@@ -113,22 +114,61 @@ class SentencePieceTokenizer:
         (Path(directory) / self.filename).write_bytes(self.proto)
 
 
-KINDS = {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer}
+class ByteTokenizer:
+    """The 256 byte values of UTF-8 plus end-of-text (id 256): nothing is trained.
+
+    A byte-level LM at d_model 64 learns in minutes on a CPU (a 257-entry vocabulary leaves the
+    budget to the layers), which is what depth experiments on small machines need. Its file is a
+    small JSON marker, so it is hashed, checked and reused like the trained kinds."""
+
+    kind = "bytes"
+    filename = "tokenizer.bytes.json"
+    eot_id = 256
+    vocab_size = 257
+    MARKER = {"fathom_tokenizer": "bytes", "eot_id": 256}
+
+    @classmethod
+    def train(cls, batches, vocab_size):
+        return cls()
+
+    @classmethod
+    def load(cls, path):
+        if json.loads(Path(path).read_text()) != cls.MARKER:
+            raise TokenizerError(f"{path} is not a Fathom byte tokenizer file")
+        return cls()
+
+    def encode_batch(self, texts):
+        return [list(t.encode("utf-8", "replace")) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+    def save(self, directory):
+        (Path(directory) / self.filename).write_text(json.dumps(self.MARKER) + "\n")
+
+
+KINDS = {"bpe": BPETokenizer, "sentencepiece": SentencePieceTokenizer, "bytes": ByteTokenizer}
+
+
+def tokenizer_class(path):
+    if path.suffix == ".model":
+        return SentencePieceTokenizer
+    return ByteTokenizer if path.name.endswith(ByteTokenizer.filename) else BPETokenizer
 
 
 def load_tokenizer(path):
     """An existing tokenizer file: a `tokenizers` JSON or a SentencePiece .model."""
     path = Path(path)
     if not path.is_file():
-        raise TokenizerError(f"tokenizer {str(path)!r} not found: pass bpe, sentencepiece or an existing "
-                             "tokenizer.json / .model file")
+        raise TokenizerError(f"tokenizer {str(path)!r} not found: pass bpe, sentencepiece, bytes or an existing "
+                             "tokenizer.json / .model / tokenizer.bytes.json file")
     try:
-        return (SentencePieceTokenizer if path.suffix == ".model" else BPETokenizer).load(path)
+        return tokenizer_class(path).load(path)
     except TokenizerError:
         raise
     except Exception as e:
         raise TokenizerError(f"tokenizer {str(path)!r} could not be read ({type(e).__name__}): pass a "
-                             "`tokenizers` JSON file or a SentencePiece .model") from None
+                             "`tokenizers` JSON file, a SentencePiece .model or a tokenizer.bytes.json") from None
 
 
 def tokenizer_from_meta(directory, meta):

@@ -1,14 +1,21 @@
-"""Scaling-depth experiments: every method × depth × init through train.py, then one table and plots.
+"""Scaling-depth experiments: every method × depth (× init × seed) through train.py, then one table and plots.
 
-    python launch/sweep.py --config configs/sweeps/cpu.yaml --depths 12,48,96 \
-        --methods vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped --inits gpt2,fanin --output DIR [key=value ...]
+    python launch/sweep.py --config configs/sweeps/bytes.yaml --depths 12,48,96 \
+        --methods vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped --output DIR [key=value ...]
 
-Each cell (method, depth, init) is one `train.py` run in DIR/<method>-L<depth>-<init>/ with the
-method's preset, model.n_layers and model.init set and collapse monitors on. A cell with a
-`result.json` is complete and skipped; an interrupted one resumes from its newest checkpoint
-(train.resume=auto); a cell that diverges (the non-finite guard stops it, or its final loss is not
-below its first) is recorded as diverged and the sweep goes on. The report (DIR/results.csv,
-results.md and PNGs) is rewritten after every cell.
+Each cell is one `train.py` run in DIR/<method>-L<depth>[-<init>][-s<seed>]/ with the method's
+preset and model.n_layers set and collapse monitors on. Each preset runs with its own init unless
+--inits names some (then model.init is set); --seeds sets train.seed. A method may carry overrides
+of its own after `+`: `vanilla+model.head_bias=none` is the vanilla preset with that one change,
+so a confound experiment (one change at a time) is a sweep too.
+
+A cell with a `result.json` is complete and skipped, unless its config.yaml no longer matches what
+the cell resolves to (a preset changed since: then it is rerun from scratch) or it failed (a crash,
+an OOM, a lost node may be transient: then it is retried). An interrupted cell
+resumes from its newest checkpoint (train.resume=auto); a cell that diverges (the non-finite guard
+stops it) is recorded as diverged, one whose final loss is not below its first as stalled, and the
+sweep goes on.
+The report (DIR/results.csv, results.md and PNGs) is rewritten after every cell.
 
     --jobs N      run N cells at once, each with its share of the CPU cores and, on a GPU node, its
                   own GPU (one of CUDA_VISIBLE_DEVICES, or 0..N-1)
@@ -19,11 +26,14 @@ results.md and PNGs) is rewritten after every cell.
 """
 
 import argparse
+import collections
 import csv
+import functools
 import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -36,59 +46,103 @@ sys.path.insert(0, str(ROOT))
 
 from configs import ConfigError, exit_on_error, load_config  # noqa: E402
 
-COLUMNS = ["method", "depth", "init", "status", "final_loss", "final_val_loss", "tokens_per_s", "cos_sim_init",
-           "cos_sim_end", "first_collapse_step", "peak_memory_mb"]
+COLUMNS = ["method", "depth", "init", "seed", "status", "final_loss", "final_val_loss", "unigram_entropy", "tokens_per_s",
+           "cos_sim_init", "cos_sim_end", "stable_rank_end", "collapsed_layers_end", "first_collapse_step",
+           "peak_memory_mb"]
 
 
-def cells(methods, depths, inits):
-    """Shallow depths first, so that an unfinished sweep has whole rows of the table."""
-    return [(m, d, i) for d in depths for i in inits for m in methods]
+def cells(methods, depths, inits, seeds):
+    """(method, depth, init or "", seed or None); shallow depths first, so that an unfinished sweep has
+    whole rows of the table."""
+    return [(m, d, i, s) for d in depths for s in seeds for i in inits for m in methods]
 
 
 def cell_dir(output, cell):
-    method, depth, init = cell
-    return Path(output) / f"{method}-L{depth}-{init}"
+    method, depth, init, seed = cell
+    return Path(output) / (f"{method}-L{depth}" + (f"-{init}" if init else "") + (f"-s{seed}" if seed is not None else ""))
+
+
+def preset_and_overrides(method):
+    """`vanilla+model.head_bias=none` -> (configs/methods/vanilla.yaml, ["model.head_bias=none"])."""
+    name, *overrides = method.split("+")
+    return ROOT / f"configs/methods/{name}.yaml", overrides
+
+
+def cell_config(args, cell):
+    """(config files, overrides) of one cell, as train.py gets them (without train.out_dir)."""
+    method, depth, init, seed = cell
+    preset, own = preset_and_overrides(method)
+    overrides = [*args.overrides, *own, f"model.n_layers={depth}"]
+    overrides += [f"model.init={init}"] * bool(init) + [f"train.seed={seed}"] * (seed is not None)
+    return [*args.config, preset], overrides
 
 
 def train_command(args, cell):
-    method, depth, init = cell
-    configs = [c for path in args.config for c in ("--config", path)]
-    return [sys.executable, str(ROOT / "train.py"), *configs, "--config", str(ROOT / f"configs/methods/{method}.yaml"),
-            f"model.n_layers={depth}", f"model.init={init}", f"train.out_dir={cell_dir(args.output, cell)}",
-            *args.overrides]
+    paths, overrides = cell_config(args, cell)
+    configs = [c for path in paths for c in ("--config", str(path))]
+    return [sys.executable, str(ROOT / "train.py"), *configs, *overrides, f"train.out_dir={cell_dir(args.output, cell)}"]
+
+
+def is_stale(args, cell):
+    """A finished cell whose recorded config is not what the cell resolves to now."""
+    from configs import to_yaml
+
+    recorded = cell_dir(args.output, cell) / "config.yaml"
+    if not recorded.is_file():
+        return False
+    cfg = load_config(*cell_config(args, cell))
+    cfg.train.out_dir = str(cell_dir(args.output, cell))
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(recorded)
+    cfg.model.vocab_size = saved.model.vocab_size  # set from the data by train.py
+    return OmegaConf.to_yaml(saved) != to_yaml(cfg)
 
 
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def cell_result(directory, cell, returncode, threshold):
-    method, depth, init = cell
+def cell_result(directory, cell, returncode, is_collapsed):
+    method, depth, init, seed = cell
     metrics = read_jsonl(directory / "metrics.jsonl")
     monitors = read_jsonl(directory / "monitors.jsonl")
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
+    data = [r for r in metrics if "unigram_entropy" in r]
     losses = [r["loss"] for r in train]
-    diverged = returncode == 3 or (losses and (not math.isfinite(losses[-1]) or losses[-1] >= losses[0]))
-    crossed = [r["step"] for r in monitors if any(layer["cos_sim"] >= threshold for layer in r["layers"])]
-    status = "diverged" if diverged else "ok" if returncode == 0 else f"failed (exit {returncode})"
+    diverged = returncode == 3 or (losses and not math.isfinite(losses[-1]))
+    stalled = len(losses) > 1 and losses[-1] >= losses[0]
+    crossed = [r["step"] for r in monitors if any(is_collapsed(layer) for layer in r["layers"])]
+    status = "diverged" if diverged else f"failed (exit {returncode})" if returncode else "stalled" if stalled else "ok"
+    end = monitors[-1]["layers"] if monitors else None
     return {
-        "method": method, "depth": depth, "init": init, "status": status,
+        "method": method, "depth": depth, "init": init or "preset", "seed": seed, "status": status,
         "final_loss": losses[-1] if losses else None,
         "final_val_loss": val[-1]["val_loss"] if val else None,
+        "unigram_entropy": data[0]["unigram_entropy"] if data else None,
         "tokens_per_s": sum(r["tokens_per_s"] for r in train[1:]) / max(1, len(train) - 1) if train else None,
         "cos_sim_init": monitors[0]["layers"][-1]["cos_sim"] if monitors else None,
-        "cos_sim_end": monitors[-1]["layers"][-1]["cos_sim"] if monitors else None,
+        "cos_sim_end": end[-1]["cos_sim"] if end else None,
+        "stable_rank_end": end[-1]["stable_rank"] if end else None,
+        "collapsed_layers_end": sum(map(is_collapsed, end)) if end else None,
         "first_collapse_step": crossed[0] if crossed else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in train), default=None),
     }
 
 
-def run_cell(args, cell, threshold, env=None):
+def run_cell(args, cell, is_collapsed, env=None):
     directory = cell_dir(args.output, cell)
-    if (directory / "result.json").is_file():
-        print(f"{directory.name}: complete, skipped", file=sys.stderr)
-        return
+    if is_stale(args, cell):
+        print(f"{directory.name}: its config changed since it ran; rerunning from scratch", file=sys.stderr)
+        shutil.rmtree(directory)
+    result_file = directory / "result.json"
+    if result_file.is_file():
+        # a failure (out of memory, a lost node) may be transient: only a finished run is final
+        if not json.loads(result_file.read_text())["status"].startswith("failed"):
+            print(f"{directory.name}: complete, skipped", file=sys.stderr)
+            return
+        print(f"{directory.name}: failed before, retrying", file=sys.stderr)
     print(f"{directory.name}: training", file=sys.stderr)
     proc = subprocess.run(train_command(args, cell), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, env=env)
@@ -96,7 +150,7 @@ def run_cell(args, cell, threshold, env=None):
         raise ConfigError(f"{directory.name}: {proc.stderr.strip().splitlines()[-1].removeprefix('error: ')}")
     if proc.returncode not in (0, 3):
         (directory / "train.stderr").write_text(proc.stderr)
-    result = cell_result(directory, cell, proc.returncode, threshold)
+    result = cell_result(directory, cell, proc.returncode, is_collapsed)
     # written whole, then renamed: a report running beside this job never reads half a result
     (directory / "result.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
     (directory / "result.json.tmp").replace(directory / "result.json")
@@ -116,7 +170,7 @@ def job_environments(jobs):
     return [{**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:jobs]]
 
 
-def run_grid(args, grid, threshold):
+def run_grid(args, grid, is_collapsed):
     """Every cell, args.jobs at a time; the report is rewritten after each, so that an interrupted
     sweep still has its table."""
     free = SimpleQueue()
@@ -127,7 +181,7 @@ def run_grid(args, grid, threshold):
     def job(cell):
         env = free.get()
         try:
-            run_cell(args, cell, threshold, env)
+            run_cell(args, cell, is_collapsed, env)
         finally:
             free.put(env)
         with reporting:
@@ -142,15 +196,18 @@ def run_grid(args, grid, threshold):
 
 
 def probe_cell(args, cell, tokens):
+    from model.metrics import collapsed
     from model.probe import probe
 
-    method, depth, init = cell
-    cfg = load_config([*args.config, ROOT / f"configs/methods/{method}.yaml"],
-                      [*args.overrides, f"model.n_layers={depth}", f"model.init={init}"])
+    method, depth, init, seed = cell
+    cfg = load_config(*cell_config(args, cell))
     layers = probe(cfg, tokens)
+    m = cfg.monitor
     row = dict.fromkeys(COLUMNS)
-    row.update(method=method, depth=depth, init=init, status="init only", cos_sim_init=layers[-1]["cos_sim"],
-               first_collapse_step=0 if any(x["cos_sim"] >= cfg.monitor.collapse_threshold for x in layers) else None)
+    row.update(method=method, depth=depth, init=init or "preset", seed=seed, status="init only",
+               cos_sim_init=layers[-1]["cos_sim"],
+               first_collapse_step=0 if any(collapsed(x, m.collapse_threshold, m.stable_rank_threshold)
+                                            for x in layers) else None)
     return row
 
 
@@ -167,7 +224,7 @@ def write_report(output, rows):
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     (output / "results.md").write_text("\n".join(lines) + "\n")
     plot(output, rows)
 
@@ -180,16 +237,22 @@ def plot(output, rows):
 
     inits = sorted({r["init"] for r in rows})
     for metric, name in [("final_val_loss", "val_loss_vs_depth.png"), ("cos_sim_end", "cos_sim_vs_depth.png"),
-                         ("cos_sim_init", "cos_sim_init_vs_depth.png")]:
-        if all(r[metric] is None for r in rows):
+                         ("stable_rank_end", "stable_rank_vs_depth.png"), ("cos_sim_init", "cos_sim_init_vs_depth.png")]:
+        if all(r.get(metric) is None for r in rows):
             continue
         fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits), 3.8), squeeze=False, sharey=True)
         for ax, init in zip(axes[0], inits):
             for method in dict.fromkeys(r["method"] for r in rows):
-                pts = sorted((r["depth"], r[metric]) for r in rows
-                             if r["method"] == method and r["init"] == init and r[metric] is not None)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=method)
+                by_depth = collections.defaultdict(list)  # several seeds: their mean, and each seed as a dot
+                for r in rows:
+                    if r["method"] == method and r["init"] == init and r.get(metric) is not None:
+                        by_depth[r["depth"]].append(r[metric])
+                if by_depth:
+                    depths = sorted(by_depth)
+                    line, = ax.plot(depths, [sum(by_depth[d]) / len(by_depth[d]) for d in depths], marker="o", label=method)
+                    spread = [(d, v) for d in depths if len(by_depth[d]) > 1 for v in by_depth[d]]
+                    if spread:
+                        ax.scatter(*zip(*spread), s=8, color=line.get_color())
             ax.set(xscale="log", xlabel="depth (layers)", title=f"init={init}", ylabel=metric)
             # log ticks like 2×10^1 say nothing; the swept depths are the only x values that exist
             depths = sorted({r["depth"] for r in rows if r["init"] == init})
@@ -220,7 +283,9 @@ def heatmaps(output, rows):
                                  squeeze=False, sharex=True, sharey=True, layout="constrained")
         image = None
         for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
-            history = read_monitor_lines(cell_dir(output, (method, depth, init)) / "monitors.jsonl")
+            row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
+            cell = (method, depth, "" if init == "preset" else init, row.get("seed"))
+            history = read_monitor_lines(cell_dir(output, cell) / "monitors.jsonl")
             if not history:
                 axes[i][j].set_axis_off()
                 continue
@@ -263,7 +328,8 @@ def main(argv=None):
     ap.add_argument("--depths", required=True, help="comma-separated model.n_layers values")
     ap.add_argument("--methods", default="vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped",
                     help="preset names from configs/methods/")
-    ap.add_argument("--inits", default="gpt2", help="model.init values")
+    ap.add_argument("--inits", default="", help="model.init values (default: each preset's own init)")
+    ap.add_argument("--seeds", default="", help="train.seed values (default: the config's seed, not in cell names)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once (cores or GPUs split between them)")
     ap.add_argument("--slurm", action="store_true")
@@ -274,21 +340,22 @@ def main(argv=None):
     args = ap.parse_intermixed_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
     methods, inits = args.methods.split(","), args.inits.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
 
     def validate():
         if args.jobs < 1:
             raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
         job_environments(args.jobs)
         for method in methods:
-            if not (ROOT / f"configs/methods/{method}.yaml").is_file():
-                raise ConfigError(f"--methods: no preset configs/methods/{method}.yaml")
-        for cell in cells(methods, depths, inits):  # every cell's config, before any training
-            load_config([*args.config, ROOT / f"configs/methods/{cell[0]}.yaml"],
-                        [*args.overrides, f"model.n_layers={cell[1]}", f"model.init={cell[2]}"])
+            preset, _ = preset_and_overrides(method)
+            if not preset.is_file():
+                raise ConfigError(f"--methods: no preset configs/methods/{preset.name}")
+        for cell in cells(methods, depths, inits, seeds):  # every cell's config, before any training
+            load_config(*cell_config(args, cell))
         return load_config(args.config, args.overrides)
 
     base = exit_on_error(validate)
-    grid = cells(methods, depths, inits)
+    grid = cells(methods, depths, inits, seeds)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     if args.slurm:
         print(f"wrote {slurm_script(args, grid)}: sbatch it ({len(grid)} array tasks)")
@@ -303,11 +370,16 @@ def main(argv=None):
             print(f"{cell}: cos_sim {rows[-1]['cos_sim_init']:.3f}", file=sys.stderr)
         write_report(args.output, rows)
         return
+    from model.metrics import collapsed
+
+    m = base.monitor
+    is_collapsed = functools.partial(collapsed, cos_threshold=m.collapse_threshold,
+                                     stable_rank_threshold=m.stable_rank_threshold)
     if args.cell is not None:  # one task of the SLURM array; --report collects afterwards
-        exit_on_error(run_cell, args, grid[args.cell], base.monitor.collapse_threshold)
+        exit_on_error(run_cell, args, grid[args.cell], is_collapsed)
         return
     if not args.report:
-        exit_on_error(run_grid, args, grid, base.monitor.collapse_threshold)
+        exit_on_error(run_grid, args, grid, is_collapsed)
     report(args, grid)
     print(f"results: {Path(args.output) / 'results.md'}")
 

@@ -102,7 +102,9 @@ class ShapedMixer(nn.Module):
 
     Causal form and practice from He & Hofmann (simplified_transformers): per-head alpha, beta,
     gamma initialised to 1, W_Q initialised to 0 so softmax = C and the attention is exactly
-    alpha I at init. Temperature tau = tau0 * sqrt(d_model * d_head), the paper's width scaling.
+    alpha I at init. Temperature (model.shaped.temperature): `head` = tau0 * sqrt(d_head), He &
+    Hofmann's causal practice; `width` = tau0 * sqrt(d_model * d_head), the paper's width scaling,
+    which at d_model 64 keeps every head's attention at uniform entropy all through training.
     """
 
     zero_query_init = True
@@ -110,7 +112,8 @@ class ShapedMixer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d_head = cfg.d_model // cfg.n_heads
-        self.scale = 1.0 / (cfg.shaped.tau0 * math.sqrt(cfg.d_model * d_head))
+        width = cfg.d_model if cfg.shaped.temperature == "width" else 1
+        self.scale = 1.0 / (cfg.shaped.tau0 * math.sqrt(width * d_head))
         trainable = cfg.shaped.trainable_gains
         self.alpha = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)
         self.beta = nn.Parameter(torch.ones(cfg.n_heads), requires_grad=trainable)

@@ -15,6 +15,8 @@ def base_init_(name, p, scheme, n_layers):
     if scheme == "gpt2":
         std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(RESIDUAL_PROJECTIONS) else 0.02
         nn.init.normal_(p, std=std)
+    elif scheme == "normal":
+        nn.init.normal_(p, std=0.02)
     elif scheme == "fanin":
         nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
     else:
@@ -28,6 +30,14 @@ def init_weights(model, cfg):
     for name, p in model.named_parameters():
         if p.dim() == 2:
             base_init_(name, p, cfg.init, cfg.n_layers)
+    if model.lm_head.bias is not None:
+        model.lm_head.bias.zero_()  # log_unigram is set from the data by the trainer (init_head_bias)
+    for block in model.blocks:
+        if cfg.qk_init == "xavier":
+            # "Mind the Gap" starts W_Q, W_K Xavier-normal: then A is a Markov matrix with a real spectral
+            # gap; at std 0.02 A is nearly C and A - C nearly 0, so gap removal would start as an MLP stack
+            for w in block.attn.query_key.weight.chunk(2):
+                nn.init.xavier_normal_(w)
     for block in model.blocks:
         beta = block.attn_residual.branch_init_gain
         if beta != 1.0:

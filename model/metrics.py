@@ -57,6 +57,13 @@ def sigma_ratio(a):
     return (s[..., 1] / s[..., 0]).mean().item()
 
 
+def collapsed(layer, cos_threshold, stable_rank_threshold):
+    """Rank collapse by either criterion. Cosine alone misses tokens that collapse onto one direction
+    that is not their mean (cosine stays moderate, stable rank goes to 1); stable rank alone misses
+    nothing of that kind but says less about alignment, so both are called."""
+    return layer["cos_sim"] >= cos_threshold or layer["stable_rank"] <= stable_rank_threshold
+
+
 def layer_metrics(hidden_states):
     """[{"layer": i, "cos_sim": ..., ...}] for a list of per-block outputs."""
     return [{"layer": i, **{k: f(h) for k, f in HIDDEN_STATE_METRICS.items()}} for i, h in enumerate(hidden_states)]

@@ -11,8 +11,8 @@ optimizer step through DeepSpeed's safe_get_full_* helpers, so every ZeRO stage 
 
 Every rank runs the probe (ZeRO-3 gathers parameters collectively); rank 0 writes
 `monitors.jsonl`, TensorBoard scalars `collapse/<metric>/layer_NNNN`, a layer × step heatmap
-image per metric, and a warning the first time a layer's cosine similarity crosses
-`monitor.collapse_threshold`. Nothing here draws random numbers or changes a value the training
+image per metric, and a warning the first time a layer collapses: its cosine similarity reaches
+`monitor.collapse_threshold` or its stable rank falls to `monitor.stable_rank_threshold`. Nothing here draws random numbers or changes a value the training
 step uses, so the trajectory is the same with monitors on or off.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.metrics import attention_entropy, layer_metrics, sigma_ratio
+from model.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
 
 HEATMAP_METRICS = ("cos_sim", "t_sim", "stable_rank", "rms", "attn_sigma_ratio", "grad_norm", "update_ratio")
 
@@ -53,12 +53,13 @@ def read_monitor_lines(path, last_step=None):
 class CollapseMonitor:
     def __init__(self, forward, model, probe_tokens, cfg, out_dir, log, start_step=0):
         self.forward, self.model, self.probe = forward, model, probe_tokens
-        self.every, self.threshold = cfg.every, cfg.collapse_threshold
+        self.every = cfg.every
+        self.is_collapsed = lambda layer: collapsed(layer, cfg.collapse_threshold, cfg.stable_rank_threshold)
         self.log = log
         self.path = Path(out_dir) / "monitors.jsonl"
         self.history = []
         self.rewind(start_step)
-        self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if layer["cos_sim"] >= self.threshold}
+        self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if self.is_collapsed(layer)}
         self.gradients = None
         self.deepest_cos = self.history[-1]["layers"][-1]["cos_sim"] if self.history else None
 
@@ -132,10 +133,10 @@ class CollapseMonitor:
                     continue
                 value = sum(value) / len(value) if isinstance(value, list) else value
                 self.log.tb.add_scalar(f"collapse/{metric}/layer_{layer['layer']:04d}", value, step)
-            if layer["cos_sim"] >= self.threshold and layer["layer"] not in self.warned:
+            if self.is_collapsed(layer) and layer["layer"] not in self.warned:
                 self.warned.add(layer["layer"])
-                self.log.info(f"warning: layer {layer['layer']} crossed cos_sim {self.threshold} at step {step} "
-                              f"({layer['cos_sim']:.3f}): its tokens are collapsing")
+                self.log.info(f"warning: layer {layer['layer']} collapsed at step {step} (cos_sim {layer['cos_sim']:.3f}, "
+                              f"stable rank {layer['stable_rank']:.2f}): its tokens are growing alike")
         for metric in HEATMAP_METRICS:
             image = heatmap_image(self.history, metric)
             if image is not None:

@@ -34,12 +34,18 @@ class Unchanged(nn.Module):
         return x
 
 
+def branch_gain(value, trainable):
+    """A branch gain: a constant, or a one-element parameter that starts at `value` (not weight-decayed;
+    one element, not 0-d, since DeepSpeed broadcasts parameters as byte views)."""
+    return nn.Parameter(torch.tensor([float(value)])) if trainable else value
+
+
 class PostNorm(nn.Module):
     """x <- LN(mix(alpha·x + gain·f(x))). Vanilla: alpha = 1; DeepNorm: alpha = (2L)^(1/4)."""
 
-    def __init__(self, d_model, alpha=1.0, gain=1.0, mix=None, branch_init_gain=1.0):
+    def __init__(self, d_model, alpha=1.0, gain=1.0, mix=None, branch_init_gain=1.0, trainable_gain=False):
         super().__init__()
-        self.alpha, self.gain = alpha, gain
+        self.alpha, self.gain = alpha, branch_gain(gain, trainable_gain)
         # DeepNorm's beta: init.py scales the branch's W_V, W_O and MLP weights by it
         self.branch_init_gain = branch_init_gain
         self.mix = mix or Unchanged()
@@ -54,9 +60,9 @@ class PreNorm(nn.Module):
 
     branch_init_gain = 1.0
 
-    def __init__(self, d_model, gain=1.0, mix=None):
+    def __init__(self, d_model, gain=1.0, mix=None, trainable_gain=False):
         super().__init__()
-        self.gain = gain
+        self.gain = branch_gain(gain, trainable_gain)
         self.mix = mix or Unchanged()
         self.norm = nn.LayerNorm(d_model)
 
@@ -66,11 +72,13 @@ class PreNorm(nn.Module):
 
 def residual_join(cfg, gain=1.0, mix=None):
     L = cfg.n_layers
+    trainable = cfg.attention == "shaped" and cfg.shaped.trainable_branch_gains
     if cfg.norm == "pre":
-        return PreNorm(cfg.d_model, gain, mix)
+        return PreNorm(cfg.d_model, gain, mix, trainable)
     if cfg.norm == "deepnorm":  # Wang et al., arXiv 2203.00555, decoder-only constants
-        return PostNorm(cfg.d_model, alpha=(2 * L) ** 0.25, gain=gain, mix=mix, branch_init_gain=(8 * L) ** -0.25)
-    return PostNorm(cfg.d_model, gain=gain, mix=mix)
+        return PostNorm(cfg.d_model, alpha=(2 * L) ** 0.25, gain=gain, mix=mix, branch_init_gain=(8 * L) ** -0.25,
+                        trainable_gain=trainable)
+    return PostNorm(cfg.d_model, gain=gain, mix=mix, trainable_gain=trainable)
 
 
 def final_norm(cfg):
@@ -81,7 +89,8 @@ def final_norm(cfg):
 def branch_gains(cfg):
     """(attention, MLP) branch gains. Shaped attention (Noci et al.) scales the residual branches:
     under post-norm LN(lambda x + g f) = LN(x + (g/lambda) f), so one gain per branch is the whole
-    knob; the MLP branch is down-weighted as mlp_gain / sqrt(L)."""
+    knob; the MLP branch is down-weighted as mlp_gain / sqrt(L). He & Hofmann train these gains
+    (model.shaped.trainable_branch_gains)."""
     if cfg.attention != "shaped":
         return 1.0, 1.0
     return cfg.shaped.branch_gain, cfg.shaped.mlp_gain / cfg.n_layers**0.5

@@ -63,8 +63,12 @@ class Transformer(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = final_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight  # tied, as in GPT-2
+        # A tied head without a bias can emit the unigram distribution (what an LM learns first) only
+        # through one vector shared by every final state, which training writes into every layer and
+        # post-norm compounds with depth: the bias gives it a place of its own (see README, confounds).
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias != "none")
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
         # recompute every k-th block in backward (0 = off); set by the trainer, not part of the model
         self.checkpoint_every = 0
         init_weights(self, cfg)
@@ -85,6 +89,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length = end
         return self.lm_head(self.final_norm(x))
+
+    @torch.no_grad()
+    def init_head_bias(self, token_counts):
+        """model.head_bias=log_unigram: the output bias starts at the log of the training split's token
+        frequencies, so the untrained model already predicts the unigram distribution. Tokens the
+        split never holds get half a count (log 0 would be -inf; softmax renormalizes the excess)."""
+        counts = torch.as_tensor(token_counts, dtype=torch.float64)
+        self.lm_head.bias.copy_((counts.clamp_min(0.5) / counts.sum()).log())
 
     @classmethod
     def from_pretrained(cls, directory):

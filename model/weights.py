@@ -40,9 +40,14 @@ class SpectralValueOutput(nn.Module):
         self.mode, self.lambda_min, self.lambda_max = s.mode, s.lambda_min, s.lambda_max
         self.basis = nn.Parameter(torch.empty(cfg.d_model, cfg.d_model))
         nn.init.normal_(self.basis)
+        if s.init == "spread":
+            # equal eigenvalues make W_V W_O = -lambda I, and with near-uniform attention the branch is
+            # then -lambda C X: similarity surgery. Uniform draws over the range start a real spectrum.
+            magnitude = torch.empty(cfg.d_model).uniform_(s.lambda_min, s.lambda_max)
+        else:
+            magnitude = torch.full((cfg.d_model,), s.init_lambda)
         # free mode: lambda = psi itself, started with the sign of the sharpening regime
-        psi0 = -s.init_lambda if s.mode == "free" else math.sqrt(s.init_lambda)
-        self.psi = nn.Parameter(torch.full((cfg.d_model,), psi0))
+        self.psi = nn.Parameter(-magnitude if s.mode == "free" else magnitude.sqrt())
 
     def eigenvalues(self):
         if self.mode == "free":

@@ -151,3 +151,42 @@ def test_ranks_split_the_global_batch_and_a_resume_continues_it(tiny_data):
     assert np.array_equal(loader(1, 0, 2).micro_batch_at(57 * G, 1)[0], one.micro_batch_at(57 * G, 1)[0])
     x, y = one.micro_batch_at(3 * G, 0)
     assert np.array_equal(x[:, 1:], y[:, :-1])
+
+
+# ---- byte tokenizer and corpora with too few documents ----------------------------------------
+
+
+def test_byte_tokenizer_round_trips_any_text(tmp_path):
+    from data.tokenizer import ByteTokenizer, load_tokenizer
+
+    text = "def f(x):\n    return 'héllo' + \"→ 字\"\t\x00"
+    tok = ByteTokenizer.train(iter(()), 0)
+    ids = tok.encode_batch([text])[0]
+    assert ids == list(text.encode("utf-8")) and tok.vocab_size == 257 and tok.eot_id == 256
+    assert tok.decode(ids + [tok.eot_id]) == text
+    tok.save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path / ByteTokenizer.filename), ByteTokenizer)
+
+
+def test_a_single_file_gets_a_deterministic_validation_split(tmp_path):
+    from data.prepare import BlockSplit
+
+    book = "".join(f"chapter {i // 40}, line {i}: " + "the quick brown fox. " * (i % 7 + 1) + "\n" for i in range(4000))
+    (tmp_path / "book.txt").write_text(book)
+    outs = []
+    for k in range(2):
+        outs.append(tmp_path / f"out{k}")
+        run_cli("-m", "data.prepare", "--input", str(tmp_path / "book.txt"), "--output", str(outs[-1]),
+                "--tokenizer", "bytes", "--workers", str(k + 1))
+    meta = read_prepared(outs[0])
+    assert meta["val_split"] == "blocks" and meta["splits"]["val"]["tokens"] > 0
+    for name in sorted(p.name for p in outs[0].iterdir()):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    # the val share is the requested one, and train and val pieces together are the whole book
+    split = BlockSplit(0.02)
+    train, val = split.pieces(book, "train"), split.pieces(book, "val")
+    assert sum(map(len, val)) / len(book) == pytest.approx(0.02, rel=0.2)
+    pieces = sorted([(book.index(p), p) for p in train + val])
+    assert "".join(p for _, p in pieces) == book
+    tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+    assert tokens == len(book.encode()) + len(train) + len(val)  # each piece ends with end-of-text

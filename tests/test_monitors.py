@@ -74,7 +74,7 @@ class FakeLog:
 
 def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
     cfg = load_config([], ["model.n_layers=12", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
-                           "model.init=fanin", "monitor.collapse_threshold=0.9"])
+                           "model.init=fanin", "monitor.collapse_threshold=0.9", "monitor.stable_rank_threshold=1"])
     torch.manual_seed(0)
     model = Transformer(cfg.model)  # vanilla post-norm with fan-in init: deep layers collapse at init
     log = FakeLog()
@@ -85,7 +85,7 @@ def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
     assert [r["step"] for r in lines] == [0, 10] and len(lines[0]["layers"]) == 12
     collapsed = [layer["layer"] for layer in lines[0]["layers"] if layer["cos_sim"] >= 0.9]
     assert collapsed and len(log.messages) == len(collapsed)  # once per layer, not per record
-    assert f"layer {collapsed[0]} crossed cos_sim 0.9 at step 0" in log.messages[0]
+    assert f"layer {collapsed[0]} collapsed at step 0 (cos_sim" in log.messages[0]
     assert ("collapse/cos_sim/layer_0011", 10) in log.scalars
     assert log.images["collapse_heatmap/cos_sim", 10].shape == (12 * 4, 2 * 4, 3)
 
