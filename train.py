@@ -108,21 +108,24 @@ def peak_memory_mb():
 
 
 def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want_grad_norm, before_step=None):
-    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None).
-    before_step, if given, runs after the last backward, before the optimizer step (monitors)."""
+    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None,
+    skipped). before_step, if given, runs after the last backward, before the optimizer step (monitors).
+
+    `skipped` is the engine's own word: DeepSpeed's ZeRO, bf16 and fp16 wrappers find a non-finite
+    gradient norm and skip the step before the inner optimizer runs; the bare fp32 optimizer of
+    ZeRO-0 is a GuardedAdamW, which does the same and reports it the same way (`overflow`)."""
     import torch
     import torch.nn.functional as F
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     grad_norm = None
-    optimizer.skipped = False
     for micro in range(grad_accum):
         x, y = batches.micro_batch_at(first_sample, micro, engine.device)
         loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
         engine.backward(loss)
         loss_sum += loss.detach().double()
         if micro == grad_accum - 1:
-            optimizer.loss_finite = bool(torch.isfinite(loss_sum))
+            optimizer.loss = loss_sum
             if want_grad_norm:
                 grad_norm = gradient_norm(engine, model)
             if before_step:
@@ -130,7 +133,19 @@ def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want
         engine.step()
     if want_grad_norm and grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, not engine.was_step_applied()
+
+
+def make_optimizer(model, t):
+    groups = param_groups(model, t.weight_decay)
+    if t.offload_optimizer:
+        # ZeRO-Offload steps on the CPU: DeepSpeed's vectorized CPU Adam, several times torch's AdamW there
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), adamw_mode=True)
+    from launch.nonfinite import GuardedAdamW
+
+    return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
 
 
 def agreed_flags(flags, device):
@@ -155,7 +170,6 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from launch.nonfinite import (
         DIVERGED,
         FaultInjection,
-        GuardedAdamW,
         agreed_min_layer,
         describe,
         first_nonfinite_layer,
@@ -181,7 +195,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     if cfg.model.head_bias == "log_unigram":
         model.init_head_bias(train_token_counts(data_path, meta))
     model.checkpoint_every = t.activation_checkpointing
-    optimizer = GuardedAdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+    optimizer = make_optimizer(model, t)
     injections = [FaultInjection(spec, model, factor) for spec, factor in
                   ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -231,12 +245,13 @@ def train(cfg, data_path, meta, grad_accum, resume):
         monitoring = monitor is not None and monitor.due(done)
         for injection in injections:
             injection.begin_step(done)
-        loss_sum, grad_norm = train_step(engine, model, optimizer, batches, samples_seen, grad_accum, logging_step,
-                                         monitor.before_step if monitoring else None)
-        if optimizer.skipped:
+        loss_sum, grad_norm, skipped = train_step(engine, model, optimizer, batches, samples_seen, grad_accum,
+                                                  logging_step, monitor.before_step if monitoring else None)
+        if skipped:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             x, _ = batches.micro_batch_at(samples_seen, 0, device)
-            where = describe(model, agreed_min_layer(first_nonfinite_layer(model, engine, x), device), optimizer.bad_params)
+            where = describe(model, agreed_min_layer(first_nonfinite_layer(model, engine, x), device),
+                             getattr(optimizer, "bad_params", []))
             log.write({"step": done, "skipped": True, "nonfinite": where, "bad_steps": bad_total}, "guard")
             log.info(f"step {done}: non-finite loss or gradient, first in {where}; step skipped "
                      f"({bad_in_a_row} in a row, {bad_total} in all)")
@@ -262,7 +277,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
             log.info(f"step {done}: val_loss {val_loss:.4f} (unigram entropy {meta['unigram_entropy']:.4f})")
 
         spiked = False
-        if t.spike_factor and not optimizer.skipped:
+        if t.spike_factor and not skipped:
             local_loss = loss_sum.item() / grad_accum
             full = len(recent_losses) == recent_losses.maxlen
             spiked = full and local_loss > t.spike_factor * sum(recent_losses) / len(recent_losses)

@@ -34,7 +34,6 @@ def deepspeed_config(train, precision, grad_accum):
     }
     if train.offload_optimizer:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        cfg["zero_force_ds_cpu_optimizer"] = False  # Fathom passes torch's AdamW
     if train.deepspeed_config:
         with open(train.deepspeed_config) as f:
             merge(cfg, json.load(f))

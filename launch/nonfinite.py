@@ -2,10 +2,13 @@
 instead of poisoning the weights, names the first layer where it appeared, and stops the run with
 a checkpoint of the last good state after train.max_bad_steps bad steps in a row.
 
-The check lives in the optimizer's step(), which every ZeRO stage and precision reaches with the
-final, all-reduced (and clipped) gradients of its partition: one fused norm per step, agreed over
-the ranks, and the update is not applied. The weights and optimizer state are then still those of
-the last good step; the LR schedule and the data move on, so the offending batch is skipped.
+DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16, offload) compute the global gradient norm,
+find it non-finite and skip the step themselves, before the inner optimizer runs; the engine then
+reports `was_step_applied() == False`. Only ZeRO-0 in fp32 hands the bare optimizer the gradients:
+there GuardedAdamW makes the same check (one fused norm, agreed over the ranks, plus the loss) and
+reports it the same way, through the `overflow` attribute the engine reads. Either way the weights,
+the optimizer state and the LR schedule stay those of the last good step; the data moves on, so the
+offending batch is skipped.
 """
 
 import math
@@ -17,23 +20,29 @@ DIVERGED = 3  # exit code of a run stopped by the guard
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose step() is skipped, on every rank alike, when a gradient or the loss is non-finite."""
+    """AdamW whose step() is skipped, on every rank alike, when a gradient or the loss is non-finite.
+    The trainer sets `loss` (this rank's summed loss of the step) before the step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_finite = True
-        self.skipped = False
+        self.loss = None
+        self.overflow = False
         self.bad_params = []
 
     def step(self, closure=None):
+        from deepspeed.accelerator import get_accelerator
+
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
-        local = torch.stack(norms).isfinite().all() if norms else torch.tensor(True)
-        bad = torch.tensor(float(not (bool(local) and self.loss_finite)), device=grads[0].device if grads else None)
+        checked = [n.reshape(1) for n in torch._foreach_norm(grads)] if grads else []
+        if self.loss is not None:
+            checked.append(self.loss.reshape(1))
+        # on the accelerator whatever the gradients' device: NCCL reduces only GPU tensors
+        device = get_accelerator().current_device_name()
+        bad = (~torch.cat(checked).isfinite()).any().float().to(device) if checked else torch.zeros((), device=device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.skipped = bool(bad.item())
-        if self.skipped:
+        self.overflow = bool(bad.item())
+        if self.overflow:
             # module parameters themselves only under ZeRO-0 fp32; else flat partitions (named "a gradient")
             self.bad_params = [p for g in self.param_groups for p in g["params"]
                                if p.grad is not None and not torch.isfinite(p.grad).all()]
