@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, exit_on_error, load_config, to_yaml
+from data.meta import data_fingerprint
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, grad_accum_steps
 from launch.distributed import fill_launcher_env
+from launch.run_dir import RunDir, write_atomically
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -49,6 +51,17 @@ def resolve_data(cfg):
         raise ConfigError(f"data.path: {e}") from None
     cfg.model.vocab_size = meta["tokenizer"]["vocab_size"]
     return path, meta
+
+
+def check_fresh_start(cfg):
+    """A fresh start never writes into another run's directory: its checkpoints would be pruned in
+    favour of the old run's newer ones, its logs truncated, and a later resume would continue the old run."""
+    earlier = RunDir(cfg.train.out_dir).describe_run()
+    if earlier and not cfg.train.overwrite:
+        how = "train.resume=none" if cfg.train.resume == "none" else "it has no complete checkpoint to resume from"
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir!r} holds another run ({earlier}) and {how}: pass a new "
+                          "train.out_dir, train.resume=auto to continue that run, or train.overwrite=true to move it "
+                          "aside first")
 
 
 def lr_factor(step, cfg):
@@ -158,7 +171,7 @@ def agreed_flags(flags, device):
     return [bool(v) for v in t.tolist()]
 
 
-def train(cfg, data_path, meta, grad_accum, resume):
+def train(cfg, data_path, meta, grad_accum, resume, started):
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -166,7 +179,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from data.loader import TrainBatches, ValBatches
     from data.meta import train_token_counts
     from launch.checkpoint import Checkpointer
-    from launch.distributed import init_distributed
+    from launch.distributed import check_ranks_agree, init_distributed
     from launch.nonfinite import (
         DIVERGED,
         FaultInjection,
@@ -180,15 +193,20 @@ def train(cfg, data_path, meta, grad_accum, resume):
     from model.monitors import CollapseMonitor
 
     rank, world_size, _ = init_distributed()
+    check_ranks_agree({"resume step": resume.step if resume else 0, "tokenizer": meta["tokenizer"]["hash"],
+                       "data": data_fingerprint(meta), "config": to_yaml(cfg)}, rank)
     from deepspeed.accelerator import get_accelerator
 
     t = cfg.train
     cuda = get_accelerator().device_name() == "cuda"
     precision = ("bf16" if cuda else "fp32") if t.precision == "auto" else t.precision
-    out_dir = Path(t.out_dir)
+    run_dir = RunDir(t.out_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not resume and t.overwrite and run_dir.describe_run():
+            print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(run_dir.config, to_yaml(cfg))
+    dist.barrier()
 
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model)
@@ -205,7 +223,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
 
-    checkpointer = Checkpointer(engine, cfg, rank, world_size, precision, meta["tokenizer"]["hash"])
+    checkpointer = Checkpointer(engine, cfg, rank, world_size, precision, meta["tokenizer"]["hash"], data_fingerprint(meta))
     checkpointer.remove_incomplete()
     start_step, samples_seen = 0, 0
     if resume:
@@ -215,7 +233,7 @@ def train(cfg, data_path, meta, grad_accum, resume):
     val_batches = ValBatches(data_path, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
     tokens_per_step = batches.global_batch * t.seq_len
 
-    log = RunLog(out_dir, rank == 0, t.max_steps, start_step)
+    log = RunLog(run_dir.path, rank == 0, t.max_steps, start_step)
     log.info(f"model: {model.num_parameters():,} parameters, {cfg.model.n_layers} layers, norm={cfg.model.norm}, "
              f"attention={cfg.model.attention}, weights={cfg.model.weights}, surgery={cfg.model.surgery.site}; "
              f"{world_size} rank(s) x micro batch {t.micro_batch_size} x grad accum {grad_accum} = global batch "
@@ -228,11 +246,11 @@ def train(cfg, data_path, meta, grad_accum, resume):
     if cfg.monitor.every:
         probe = ValBatches(data_path, t.seq_len, cfg.monitor.batch, 1, 1, 0)
         probe_tokens = next(probe.batches(device))[0]
-        monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, out_dir, log, start_step)
+        monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, run_dir.path, log, start_step)
         if start_step == 0:
             monitor.record(0)
 
-    stop = StopSignal(t.time_limit_minutes)
+    stop = StopSignal(t.time_limit_minutes, started)
     last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
     bad_in_a_row = bad_total = 0
     recent_losses = collections.deque(maxlen=t.spike_window)
@@ -331,14 +349,17 @@ def train(cfg, data_path, meta, grad_accum, resume):
 
 
 def main(argv=None):
+    started = time.monotonic()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     paths = args.config or [Path(__file__).parent / DEFAULT_CONFIG]
     cfg = exit_on_error(load_config, paths, args.overrides)
     data_path, meta = exit_on_error(resolve_data, cfg)
     _, world_size, _ = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
-    resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"])
-    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume))
+    resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"], data_fingerprint(meta))
+    if not resume:
+        exit_on_error(check_fresh_start, cfg)
+    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume, started))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ class TrainConfig:
                                     check=non_negative)
     keep_last: int = opt(2, "complete checkpoints kept; older ones are deleted", check=positive)
     resume: str = opt("auto", "auto = newest complete checkpoint in out_dir (else start afresh), none, or a checkpoint path")
+    allow_data_change: bool = opt(False, "let a resume continue with other data, train.seed or train.seq_len (the "
+                                         "sample order then changes; refused otherwise)")
+    overwrite: bool = opt(False, "let a fresh start use an out_dir that holds another run: that run is first renamed to "
+                                 "OUT_DIR.replaced-<time> (nothing is deleted)")
     stop_at_step: int = opt(0, "save and exit cleanly after this step; the LR schedule still follows max_steps (0 = off)",
                             check=non_negative)
     time_limit_minutes: float = opt(0.0, "save and exit (code 75) before this invocation's wall time runs out (0 = off)",

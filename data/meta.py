@@ -65,6 +65,10 @@ def read_prepared(path):
         raise DataError(f"{path / 'meta.json'} is not valid JSON: {fix}") from None
     if meta.get("format") != FORMAT:
         raise DataError(f"{path / 'meta.json'} has format {meta.get('format')!r}, this Fathom reads {FORMAT}: {fix}")
+    names = [meta["tokenizer"]["file"], *(n for info in meta["splits"].values() for n in info["shards"])]
+    for name in names:  # meta.json may come from anywhere: its file names must not point elsewhere
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(f"{path / 'meta.json'} names the file {name!r} outside {path}: {fix}")
     itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
     tokenizer = path / meta["tokenizer"]["file"]
     if not tokenizer.is_file() or file_sha256(tokenizer) != meta["tokenizer"]["hash"]:
@@ -109,3 +113,9 @@ def train_token_counts(path, meta, chunk=1 << 26):
         for start in range(0, len(tokens), chunk):
             counts += np.bincount(tokens[start : start + chunk], minlength=len(counts))
     return counts
+
+
+def data_fingerprint(meta):
+    """What fixes the data order besides train.seed and train.seq_len: the tokenizer and every split's
+    tokens and shards. Not the source path, so a moved or identically re-prepared directory keeps it."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "source"}, sort_keys=True).encode()).hexdigest()

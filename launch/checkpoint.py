@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs import ConfigError
+from launch.run_dir import RunDir, fsync_dir, write_atomically
 
 MARKER = "fathom_complete.json"
 TAG = re.compile(r"step_(\d{8})")
@@ -30,10 +31,6 @@ TAG = re.compile(r"step_(\d{8})")
 
 def tag_name(step):
     return f"step_{step:08d}"
-
-
-def checkpoints_dir(out_dir):
-    return Path(out_dir) / "checkpoints"
 
 
 def complete_checkpoints(directory):
@@ -80,13 +77,17 @@ def verify(path, previous):
     return marker
 
 
-def find_resume_point(cfg, tokenizer_hash):
+# what a resume must keep for the sample order to continue exactly (data/loader.py)
+DATA_ORDER_KEYS = ("seed", "seq_len")
+
+
+def find_resume_point(cfg, tokenizer_hash, fingerprint):
     """The checkpoint this run continues from (train.resume), checked against the config and data."""
     resume = cfg.train.resume
     if resume == "none":
         return None
     if resume == "auto":
-        candidates = complete_checkpoints(checkpoints_dir(cfg.train.out_dir))
+        candidates = complete_checkpoints(RunDir(cfg.train.out_dir).checkpoints)
         if not candidates:
             return None
     else:
@@ -107,6 +108,18 @@ def find_resume_point(cfg, tokenizer_hash):
         raise ConfigError(f"checkpoint {path} was trained on data with another tokenizer (hash "
                           f"{marker['tokenizer_hash'][:12]}, data.path has {tokenizer_hash[:12]}): point data.path at "
                           "the data the run started with")
+    if not cfg.train.allow_data_change:
+        order_fix = ("point data.path at the data the run started with, or set train.allow_data_change=true to "
+                     "continue on a different sample order")
+        if marker.get("data_fingerprint", fingerprint) != fingerprint:
+            raise ConfigError(f"checkpoint {path} was trained on other data (fingerprint "
+                              f"{marker['data_fingerprint'][:12]}, data.path has {fingerprint[:12]}; re-prepared?): {order_fix}")
+        for key in DATA_ORDER_KEYS:
+            saved = marker["config"]["train"][key]
+            if saved != getattr(cfg.train, key):
+                raise ConfigError(f"checkpoint {path} was saved with train.{key}={saved!r}, this run has "
+                                  f"{getattr(cfg.train, key)!r}, which reshuffles the samples: resume with the same "
+                                  f"value, or set train.allow_data_change=true")
     saved_model, model = marker["config"]["model"], _plain(cfg.model)
     changed = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
     if changed:
@@ -132,6 +145,17 @@ def rng_state():
     return state
 
 
+def load_safely(path):
+    """torch.load that cannot run code from the file (a checkpoint may come from anywhere): tensors
+    and plain containers, plus the numpy array types the RNG states hold."""
+    import numpy as np
+    import torch
+
+    numpy_types = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+    with torch.serialization.safe_globals(numpy_types):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_state(state):
     import numpy as np
     import torch
@@ -151,31 +175,13 @@ def fsync_tree(path):
     fsync_dir(path)
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 class Checkpointer:
     """Saves and loads one run's checkpoints; every rank calls save() and load() together."""
 
-    def __init__(self, engine, cfg, rank, world_size, precision, tokenizer_hash):
+    def __init__(self, engine, cfg, rank, world_size, precision, tokenizer_hash, fingerprint):
         self.engine, self.cfg, self.rank, self.world_size = engine, cfg, rank, world_size
-        self.precision, self.tokenizer_hash = precision, tokenizer_hash
-        self.directory = checkpoints_dir(cfg.train.out_dir)
+        self.precision, self.tokenizer_hash, self.fingerprint = precision, tokenizer_hash, fingerprint
+        self.directory = RunDir(cfg.train.out_dir).checkpoints
 
     def remove_incomplete(self):
         """Partial folders left by a crash during a save (rank 0, before training starts)."""
@@ -191,6 +197,11 @@ class Checkpointer:
 
         tag = tag_name(step)
         path = self.directory / tag
+        if self.rank == 0 and (path / MARKER).is_file():
+            # the same step saved again (after a rollback): incomplete from now until the new marker
+            (path / MARKER).unlink()
+            fsync_dir(path)
+        dist.barrier()
         client = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
         self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client, save_latest=False)
         torch.save(rng_state(), path / f"rng_rank_{self.rank:05d}.pt")
@@ -200,7 +211,7 @@ class Checkpointer:
             files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
             marker = {"step": step, "samples_seen": samples_seen, "world_size": self.world_size,
                       "zero_stage": self.cfg.train.zero_stage, "precision": self.precision,
-                      "tokenizer_hash": self.tokenizer_hash, "files": files,
+                      "tokenizer_hash": self.tokenizer_hash, "data_fingerprint": self.fingerprint, "files": files,
                       "config": _plain(self.cfg)}
             write_atomically(path / MARKER, json.dumps(marker, indent=1))
             self.prune()
@@ -220,7 +231,6 @@ class Checkpointer:
 
     def load(self, point):
         """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG from `point`."""
-        import torch
         import torch.distributed as dist
 
         tag = point.path.name
@@ -235,7 +245,7 @@ class Checkpointer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {point.path}")
         rng = point.path / f"rng_rank_{self.rank:05d}.pt"
         if rng.is_file() and point.marker["world_size"] == self.world_size:
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_safely(rng))
 
 
 def convert_to_universal(path, universal):

@@ -46,3 +46,30 @@ def init_distributed():
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return rank, world_size, local_rank
+
+
+def check_ranks_agree(facts, rank):
+    """Stop every rank when one resolved something else than rank 0 (facts: name -> value).
+
+    Data, tokenizer, config and resume point are resolved by each process on its own disk before
+    the process group exists. Nodes without a shared filesystem, or with a stale copy of the data,
+    would otherwise load different checkpoints or vocabularies and hang or diverge silently. The
+    line names the first rank that differs; rank 0 prints it, every rank exits with code 2."""
+    import hashlib
+    import sys
+
+    import torch.distributed as dist
+
+    mine = (socket.gethostname(), {k: hashlib.sha256(str(v).encode()).hexdigest()[:12] for k, v in facts.items()})
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    host0, reference = gathered[0]
+    for other, (host, seen) in enumerate(gathered):
+        differs = [k for k in reference if seen[k] != reference[k]]
+        if differs:
+            if rank == 0:
+                print(f"error: rank {other} on {host} resolved another {differs[0]} than rank 0 on {host0} "
+                      f"({seen[differs[0]]} vs {reference[differs[0]]}): every node must see the same data.path, "
+                      "train.out_dir (checkpoints) and config (see README, \"What must be shared between nodes\")",
+                      file=sys.stderr)
+            raise SystemExit(2)

@@ -21,9 +21,11 @@ def request_requeue():
 
 
 class StopSignal:
-    def __init__(self, time_limit_minutes=0):
+    def __init__(self, time_limit_minutes=0, started=None):
+        """started: time.monotonic() when the invocation began: the budget also pays for start-up
+        (imports, engine, checkpoint load), which on a big model can take minutes."""
         self.signal = None
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.budget = time_limit_minutes * 60
         self.slowest_step = 0.0
         for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -7,17 +7,8 @@ appears twice.
 
 import json
 import sys
-from pathlib import Path
 
-
-def truncate_metrics(path, last_step):
-    """Keep the lines of steps <= last_step; rewritten atomically."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+from launch.run_dir import RunDir, read_jsonl, rewrite_jsonl
 
 
 class RunLog:
@@ -27,18 +18,18 @@ class RunLog:
             return
         from tqdm import tqdm
 
-        self.out_dir = Path(out_dir)
+        self.run_dir = RunDir(out_dir)
         self._open(start_step, fresh=not start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
 
     def _open(self, start_step, fresh):
         from torch.utils.tensorboard import SummaryWriter
 
-        metrics = self.out_dir / "metrics.jsonl"
-        if not fresh:
-            truncate_metrics(metrics, start_step)
+        metrics = self.run_dir.metrics
+        if not fresh:  # the lines after the checkpoint will be logged again
+            rewrite_jsonl(metrics, read_jsonl(metrics, start_step))
         self.metrics = open(metrics, "w" if fresh else "a")
-        self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=None if fresh else start_step + 1)
+        self.tb = SummaryWriter(str(self.run_dir.tensorboard), purge_step=None if fresh else start_step + 1)
 
     def rewind(self, step):
         """Continue the logs from `step` again (after a rollback to its checkpoint)."""

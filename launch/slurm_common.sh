@@ -1,12 +1,14 @@
 # Sourced by the sbatch scripts in launch/: the job's remaining wall time for
 # train.time_limit_minutes, and the requeue that continues a run which stopped to save.
 
-# Minutes left in this allocation, less a margin for start-up: train.py saves and exits
-# (code 75) before this budget runs out, so the job never dies mid-step.
+# Minutes left in this allocation, less a margin (FATHOM_MARGIN_MINUTES, default 10): train.py
+# saves and exits (code 75) before this budget runs out, so the job never dies mid-step. 0 (no
+# limit) for an UNLIMITED allocation; at least 1 for a nearly expired one, so the run saves at once.
 time_left_minutes() {
-  local left d=0 h=0 m=0 s=0
+  local left d=0 h=0 m=0 s=0 minutes
   left=$(squeue -h -j "$SLURM_JOB_ID" -o %L)
   case "$left" in
+    UNLIMITED|NOT_SET|INVALID|"") echo 0; return ;;
     *-*) d=${left%%-*}; left=${left#*-} ;;
   esac
   IFS=: read -r -a parts <<< "$left"
@@ -15,7 +17,8 @@ time_left_minutes() {
     2) m=${parts[0]}; s=${parts[1]} ;;
     1) s=${parts[0]} ;;
   esac
-  echo $(( (10#$d * 1440 + 10#$h * 60 + 10#$m) - ${FATHOM_MARGIN_MINUTES:-10} ))
+  minutes=$(( (10#$d * 1440 + 10#$h * 60 + 10#$m) - ${FATHOM_MARGIN_MINUTES:-10} ))
+  echo $(( minutes > 0 ? minutes : 1 ))
 }
 
 # train.py creates $FATHOM_REQUEUE_FILE when it saved and stopped early (SIGTERM/SIGUSR1 or its

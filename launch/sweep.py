@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from configs import ConfigError, exit_on_error, load_config  # noqa: E402
+from launch.run_dir import RunDir, read_jsonl  # noqa: E402
 
 COLUMNS = ["method", "depth", "init", "seed", "status", "final_loss", "final_val_loss", "unigram_entropy", "tokens_per_s",
            "cos_sim_init", "cos_sim_end", "stable_rank_end", "collapsed_layers_end", "first_collapse_step",
@@ -87,7 +88,7 @@ def is_stale(args, cell):
     """A finished cell whose recorded config is not what the cell resolves to now."""
     from configs import to_yaml
 
-    recorded = cell_dir(args.output, cell) / "config.yaml"
+    recorded = RunDir(cell_dir(args.output, cell)).config
     if not recorded.is_file():
         return False
     cfg = load_config(*cell_config(args, cell))
@@ -99,14 +100,10 @@ def is_stale(args, cell):
     return OmegaConf.to_yaml(saved) != to_yaml(cfg)
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def cell_result(directory, cell, returncode, is_collapsed):
     method, depth, init, seed = cell
-    metrics = read_jsonl(directory / "metrics.jsonl")
-    monitors = read_jsonl(directory / "monitors.jsonl")
+    metrics = read_jsonl(RunDir(directory).metrics)
+    monitors = read_jsonl(RunDir(directory).monitors)
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
     data = [r for r in metrics if "unigram_entropy" in r]
@@ -272,7 +269,7 @@ def heatmaps(output, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from model.monitors import metric_grid, read_monitor_lines
+    from model.monitors import metric_grid
     from model.plot_monitors import draw_heatmap
 
     trained = [r for r in rows if r["status"] != "init only"]
@@ -285,7 +282,7 @@ def heatmaps(output, rows):
         for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
             row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
             cell = (method, depth, "" if init == "preset" else init, row.get("seed"))
-            history = read_monitor_lines(cell_dir(output, cell) / "monitors.jsonl")
+            history = read_jsonl(RunDir(cell_dir(output, cell)).monitors)
             if not history:
                 axes[i][j].set_axis_off()
                 continue

@@ -10,9 +10,9 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 from configs import exit_on_error
+from launch.run_dir import RunDir
 
 
 def evaluate_split(model, data_path, split, seq_len, batch, device):
@@ -49,7 +49,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loss, tokens = evaluate_split(model.to(device), data_path, args.split, cfg.train.seq_len, args.batch, device)
     record = {"step": marker["step"], "split": args.split, "loss": loss, "ppl": math.exp(loss), "tokens": tokens}
-    with open(Path(args.run) / "eval.jsonl", "a") as f:
+    with open(RunDir(args.run).eval, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
 

@@ -17,9 +17,10 @@ step uses, so the trajectory is the same with monitors on or off.
 """
 
 import json
-from pathlib import Path
 
 import torch
+
+from launch.run_dir import RunDir, read_jsonl, rewrite_jsonl
 
 from model.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
 
@@ -43,20 +44,13 @@ def norm_of(tensors):
     return sum(float(t.double().pow(2).sum()) for t in tensors if t is not None) ** 0.5
 
 
-def read_monitor_lines(path, last_step=None):
-    if not path.is_file():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in lines if last_step is None or r["step"] <= last_step]
-
-
 class CollapseMonitor:
     def __init__(self, forward, model, probe_tokens, cfg, out_dir, log, start_step=0):
         self.forward, self.model, self.probe = forward, model, probe_tokens
         self.every = cfg.every
         self.is_collapsed = lambda layer: collapsed(layer, cfg.collapse_threshold, cfg.stable_rank_threshold)
         self.log = log
-        self.path = Path(out_dir) / "monitors.jsonl"
+        self.path = RunDir(out_dir).monitors
         self.history = []
         self.rewind(start_step)
         self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if self.is_collapsed(layer)}
@@ -66,8 +60,8 @@ class CollapseMonitor:
     def rewind(self, step):
         """Forget the records after `step`: a resumed (or rolled back) run records them again."""
         if self.log.enabled:
-            self.history = read_monitor_lines(self.path, step) if step else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self.history = read_jsonl(self.path, step) if step else []
+            rewrite_jsonl(self.path, self.history)
 
     def due(self, step):
         return self.every > 0 and step % self.every == 0

@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from model.monitors import metric_grid, read_monitor_lines
+from launch.run_dir import RunDir, read_jsonl
+from model.monitors import metric_grid
 
 DEFAULT_METRICS = "cos_sim,t_sim,stable_rank,rms,attn_sigma_ratio,grad_norm,update_ratio"
 
@@ -28,7 +29,7 @@ def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, t
     import matplotlib.pyplot as plt
     import numpy as np
 
-    history = read_monitor_lines(Path(run) / "monitors.jsonl")
+    history = read_jsonl(RunDir(run).monitors)
     if not history:
         raise FileNotFoundError(f"{run} has no monitors.jsonl records: train with monitor.every > 0")
     output = Path(output or Path(run) / "plots")

@@ -8,25 +8,25 @@ first and reported as one line (ConfigError).
 
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from configs import ConfigError, FathomConfig, ModelConfig
-from launch.checkpoint import checkpoints_dir, complete_checkpoints, verify
+from launch.checkpoint import complete_checkpoints, load_safely, verify
+from launch.run_dir import RunDir
 
 
 def run_checkpoint(run, tag=None):
     """The complete checkpoint folder of a run (newest, or `tag`) and its marker."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run} is not a Fathom run directory (no config.yaml): pass a train.out_dir")
-    done = complete_checkpoints(checkpoints_dir(run))
+    run = RunDir(run)
+    if not run.config.is_file():
+        raise ConfigError(f"{run.path} is not a Fathom run directory (no config.yaml): pass a train.out_dir")
+    done = complete_checkpoints(run.checkpoints)
     if tag:
-        path = checkpoints_dir(run) / tag
+        path = run.checkpoints / tag
         if path not in done:
-            raise ConfigError(f"{run} has no complete checkpoint {tag!r}: choose one of {[p.name for p in done]}")
+            raise ConfigError(f"{run.path} has no complete checkpoint {tag!r}: choose one of {[p.name for p in done]}")
     elif not done:
-        raise ConfigError(f"{run} has no complete checkpoint: train it (checkpoints are saved at the end and "
+        raise ConfigError(f"{run.path} has no complete checkpoint: train it (checkpoints are saved at the end and "
                           "every train.save_every steps)")
     else:
         path = done[-1]
@@ -39,7 +39,7 @@ def run_config(marker):
 
 def consolidated_state_dict(path, marker):
     if marker["zero_stage"] == 0:
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = load_safely(path / "mp_rank_00_model_states.pt")
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -4,7 +4,6 @@ A value/output module returns (w_value, w_output) in `F.linear` layout ([out, in
 forward; attention computes v = x w_value^T and out = y w_output^T with them.
 """
 
-import math
 
 import torch
 import torch.nn as nn

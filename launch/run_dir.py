@@ -1,0 +1,92 @@
+"""The layout of a run directory (train.out_dir): the one module that knows its file names.
+
+    OUT_DIR/config.yaml      the resolved config of the latest start
+    OUT_DIR/metrics.jsonl    training, validation, data, guard and rollback lines, one per logged step
+    OUT_DIR/monitors.jsonl   per-layer collapse metrics (model/monitors.py)
+    OUT_DIR/eval.jsonl       results of `python -m model.evaluate`
+    OUT_DIR/tensorboard/     event files
+    OUT_DIR/checkpoints/     step_NNNNNNNN folders, complete once they hold Fathom's marker (launch/checkpoint.py)
+
+JSON-lines files are appended a whole line at a time. A kill or a full disk can still cut the last
+line short: reading drops such a line with a warning instead of failing every later resume, and a
+file is only ever rewritten through a temporary file and a rename. This module imports no torch.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.monitors = self.path / "monitors.jsonl"
+        self.eval = self.path / "eval.jsonl"
+        self.tensorboard = self.path / "tensorboard"
+        self.checkpoints = self.path / "checkpoints"
+
+    def describe_run(self):
+        """What an earlier run left here ("checkpoints up to step 20, metrics up to step 20"), or None."""
+        from launch.checkpoint import complete_checkpoints
+
+        found = []
+        done = complete_checkpoints(self.checkpoints)
+        if done:
+            found.append(f"checkpoints up to {done[-1].name}")
+        steps = [r["step"] for r in read_jsonl(self.metrics) if "step" in r]
+        if steps:
+            found.append(f"metrics up to step {max(steps)}")
+        return ", ".join(found) or None
+
+    def move_aside(self):
+        """Rename the directory to OUT_DIR.replaced-<time> (nothing is deleted); returns the new path."""
+        aside = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.path, aside)
+        return aside
+
+
+def read_jsonl(path, last_step=None):
+    """The records of a JSON-lines file (those with step <= last_step, if given). A last line cut
+    short is dropped with a warning; a bad line elsewhere means the file was edited: named, and fatal."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON (edited by hand?): fix or delete that line") from None
+            print(f"warning: {path}: the last line was cut short (a kill or a full disk during a write); "
+                  "dropped", file=sys.stderr)
+    return [r for r in records if last_step is None or r.get("step", 0) <= last_step]
+
+
+def write_atomically(path, text):
+    """Replace path's content all at once: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def rewrite_jsonl(path, records):
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
