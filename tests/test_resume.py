@@ -3,17 +3,18 @@ and one clear error for every mismatch."""
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from launch.checkpoint import MARKER
 from launch.preemption import REQUEUE
-from tests.conftest import COMMON, ROOT, STEPS, losses, records, train
+from launch.run_dir import read_jsonl
+from tests.conftest import COMMON, ROOT, STEPS, launcher, losses, records, train
 
 
 @pytest.mark.parametrize("how,zero", [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)])
@@ -41,38 +42,45 @@ def test_two_ranks_resume_on_one(resumed_runs, tiny_data):
 def wait_for_step(proc, metrics, step, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if metrics.is_file() and any(json.loads(x).get("step", 0) >= step and "loss" in json.loads(x)
-                                     for x in metrics.read_text().splitlines() if x.strip()):
+        if any(r.get("step", 0) >= step and "loss" in r for r in read_jsonl(metrics)):
             return
         assert proc.poll() is None, "the run ended before the kill point"
         time.sleep(0.02)
     raise AssertionError(f"step {step} was not reached")
 
 
-def start(out_dir, data, *extra):
+def start(out_dir, data, *extra, how="python"):
+    """A 40-step run in the background, in a process group of its own (so kill -9 takes every rank)."""
+    program, launch = launcher(how)
     args = [*COMMON, "train.max_steps=40", "train.save_every=5", *extra, f"data.path={data}", f"train.out_dir={out_dir}"]
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return subprocess.Popen([program, *launch, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
 
 
-def test_kill_9_at_several_points_then_resume_continues_exactly(tiny_data, tmp_path):
+def test_kill_9_at_ten_random_points_of_a_two_rank_zero2_run(tiny_data, tmp_path):
+    """Every rank dies at once (a node lost) at 10 random moments, mid-step or mid-save; each restart
+    continues from the newest complete checkpoint and the losses equal an uninterrupted run's."""
+    run = ["train.max_steps=56", "train.save_every=3", "train.zero_stage=2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    start(reference, tiny_data).wait()
-    for kill_at in (8, 17):
-        proc = start(killed, tiny_data)
-        wait_for_step(proc, killed / "metrics.jsonl", kill_at)
-        proc.send_signal(signal.SIGKILL)
+    assert start(reference, tiny_data, *run, how="torchrun").wait() == 0
+    rng = random.Random(20261124)
+    for i in range(10):
+        proc = start(killed, tiny_data, *run, how="torchrun")
+        wait_for_step(proc, killed / "metrics.jsonl", 3 + 5 * i + rng.randint(0, 2))
+        time.sleep(rng.uniform(0, 0.3))  # anywhere in the step, its save included
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # a kill during a save: the newest folder is partial (no marker, a truncated file)
     newest = sorted((killed / "checkpoints").glob("step_*"))[-1]
-    partial = killed / "checkpoints" / "step_00000030"
+    partial = killed / "checkpoints" / "step_00000054"
     shutil.copytree(newest, partial)
     (partial / MARKER).unlink()
     states = partial / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:100])
-    proc = start(killed, tiny_data)
+    proc = start(killed, tiny_data, *run, how="torchrun")
     assert proc.wait() == 0, proc.stderr.read()[-3000:]
-    assert [r["step"] for r in records(killed)] == list(range(1, 41))
+    assert [r["step"] for r in records(killed)] == list(range(1, 57))  # no step logged twice
     assert losses(killed) == losses(reference)
 
 
