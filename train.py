@@ -18,6 +18,7 @@ from pathlib import Path
 
 from configs import ConfigError, exit_on_error, load_config, to_yaml
 from data.meta import data_fingerprint
+from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, grad_accum_steps
 from launch.distributed import fill_launcher_env
@@ -33,24 +34,6 @@ def parse_args(argv):
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. model.n_layers=96")
     return ap.parse_intermixed_args(argv)
-
-
-def resolve_data(cfg):
-    """The prepared data directory and its checked meta.json; the built-in corpus is prepared on first use."""
-    from data.meta import DataError, read_prepared
-
-    if cfg.data.path:
-        path = Path(cfg.data.path).expanduser()
-    else:
-        from data.stdlib_corpus import stdlib_dataset
-
-        path = stdlib_dataset(cfg.data.cache_dir, cfg.data.tokenizer, cfg.data.vocab_size)
-    try:
-        meta = read_prepared(path)
-    except DataError as e:
-        raise ConfigError(f"data.path: {e}") from None
-    cfg.model.vocab_size = meta["tokenizer"]["vocab_size"]
-    return path, meta
 
 
 def check_fresh_start(cfg):

@@ -50,7 +50,7 @@ def load_run(run, tag=None, data=None):
     """(config, model in eval mode, checkpoint marker, data directory, data meta) of a run."""
     from data.meta import DataError
     from model import Transformer
-    from train import resolve_data
+    from data.resolve import resolve_data
 
     path, marker = run_checkpoint(run, tag)
     cfg = run_config(marker)

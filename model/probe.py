@@ -18,7 +18,7 @@ def held_out_tokens(cfg, batch, seq_len):
     import torch
 
     from data.loader import TokenShards
-    from train import resolve_data
+    from data.resolve import resolve_data
 
     path, _ = exit_on_error(resolve_data, cfg)
     shards = TokenShards(path, "val", seq_len)
