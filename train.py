@@ -172,7 +172,11 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     )
     from launch.preemption import REQUEUE, StopSignal, request_requeue
     from launch.run_log import RunLog
+    from omegaconf import OmegaConf
+
+    from launch.profiling import StepProfiler
     from model import Transformer
+    from model.flops import flops_per_token, peak_tflops
     from model.monitors import CollapseMonitor
 
     rank, world_size, _ = init_distributed()
@@ -215,8 +219,12 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     batches = TrainBatches(data_path, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
     val_batches = ValBatches(data_path, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
     tokens_per_step = batches.global_batch * t.seq_len
+    model_flops = flops_per_token(cfg.model, t.seq_len, tokens_per_step)
+    peak = peak_tflops(torch.cuda.get_device_name(device) if cuda else "", t.peak_tflops)
+    profiler = StepProfiler(t.profile_steps, run_dir.tensorboard, rank)
 
-    log = RunLog(run_dir.path, rank == 0, t.max_steps, start_step)
+    log = RunLog(run_dir.path, rank == 0, t.max_steps, start_step, t.wandb_project,
+                 OmegaConf.to_container(OmegaConf.structured(cfg)))
     log.info(f"model: {model.num_parameters():,} parameters, {cfg.model.n_layers} layers, norm={cfg.model.norm}, "
              f"attention={cfg.model.attention}, weights={cfg.model.weights}, surgery={cfg.model.surgery.site}; "
              f"{world_size} rank(s) x micro batch {t.micro_batch_size} x grad accum {grad_accum} = global batch "
@@ -246,8 +254,10 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         monitoring = monitor is not None and monitor.due(done)
         for injection in injections:
             injection.begin_step(done)
+        profiler.begin(done)
         loss_sum, grad_norm, skipped = train_step(engine, model, optimizer, batches, samples_seen, grad_accum,
                                                   logging_step, monitor.before_step if monitoring else None)
+        profiler.end(done)
         if skipped:
             bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
             x, _ = batches.micro_batch_at(samples_seen, 0, device)
@@ -266,8 +276,11 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
             loss_value = loss_sum.item() / (grad_accum * world_size)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_in_window = t.log_every if done % t.log_every == 0 else done % t.log_every
+            tokens_per_s = tokens_per_step * min(steps_in_window, done - start_step) / elapsed
+            tflops = model_flops * tokens_per_s / world_size / 1e12  # per rank, as the peak is per device
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_step * min(steps_in_window, done - start_step) / elapsed,
+                      "tokens_per_s": tokens_per_s, "model_flops_per_token": model_flops, "tflops_per_rank": tflops,
+                      **({"mfu": tflops / peak} if peak else {}),
                       "samples": samples_seen, "peak_memory_mb": peak_memory_mb()}
             log.write(record, "train")
             deepest = {"deep_cos": monitor.deepest_cos} if monitor and monitor.deepest_cos is not None else {}

@@ -161,6 +161,13 @@ class TrainConfig:
                                 check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+(:\d+)?", v) is not None,
                                        "empty or LAYER:STEP[:COUNT], e.g. 3:100"))
     deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
+    wandb_project: str = opt("", "also log to this Weights & Biases project (rank 0; one W&B run per out_dir, resumed "
+                                 "after a restart; WANDB_MODE=offline works without a network)")
+    peak_tflops: float = opt(0.0, "the device's dense bf16/fp16 peak for MFU (0 = known GPUs by name; none on CPU)",
+                             check=non_negative)
+    profile_steps: str = opt("", "record a torch.profiler trace of steps A..B (A:B) into out_dir/tensorboard",
+                             check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+", v) is not None
+                                    and int(v.split(":")[0]) <= int(v.split(":")[1]), "empty or A:B with A <= B, e.g. 10:12"))
 
 
 @dataclass

@@ -4,7 +4,8 @@
     OUT_DIR/metrics.jsonl    training, validation, data, guard and rollback lines, one per logged step
     OUT_DIR/monitors.jsonl   per-layer collapse metrics (model/monitors.py)
     OUT_DIR/eval.jsonl       results of `python -m model.evaluate`
-    OUT_DIR/tensorboard/     event files
+    OUT_DIR/tensorboard/     event files (and torch.profiler traces of train.profile_steps)
+    OUT_DIR/wandb/, wandb_id the W&B run of train.wandb_project, resumed by id on every start
     OUT_DIR/checkpoints/     step_NNNNNNNN folders, complete once they hold Fathom's marker (launch/checkpoint.py)
 
 JSON-lines files are appended a whole line at a time. A kill or a full disk can still cut the last
@@ -28,6 +29,7 @@ class RunDir:
         self.eval = self.path / "eval.jsonl"
         self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
+        self.wandb_id = self.path / "wandb_id"
 
     def describe_run(self):
         """What an earlier run left here ("checkpoints up to step 20, metrics up to step 20"), or None."""

@@ -269,8 +269,7 @@ def heatmaps(output, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from model.monitors import metric_grid
-    from model.plot_monitors import draw_heatmap
+    from model.plot_monitors import draw_heatmap, metric_grid
 
     trained = [r for r in rows if r["status"] != "init only"]
     for depth in sorted({r["depth"] for r in trained}):

@@ -10,9 +10,12 @@ the gradient norm of each block and its update-to-weight ratio |dW| / |W| are ta
 optimizer step through DeepSpeed's safe_get_full_* helpers, so every ZeRO stage gives full values.
 
 Every rank runs the probe (ZeRO-3 gathers parameters collectively); rank 0 writes
-`monitors.jsonl`, TensorBoard scalars `collapse/<metric>/layer_NNNN`, a layer × step heatmap
-image per metric, and a warning the first time a layer collapses: its cosine similarity reaches
-`monitor.collapse_threshold` or its stable rank falls to `monitor.stable_rank_threshold`. Nothing here draws random numbers or changes a value the training
+`monitors.jsonl`, TensorBoard's run-level summaries first (`collapse/`: the deepest layer's cosine,
+the lowest stable rank, the number of collapsed layers), per-layer scalars in a group of their own
+(`layers/<metric>/layer_NNNN`, hundreds of cards in a deep model), a labelled layer × step heatmap
+figure per metric (`collapse_heatmap/<metric>`), and a warning the first time a layer collapses:
+its cosine similarity reaches `monitor.collapse_threshold` or its stable rank falls to
+`monitor.stable_rank_threshold`. Nothing here draws random numbers or changes a value the training
 step uses, so the trajectory is the same with monitors on or off.
 """
 
@@ -121,46 +124,24 @@ class CollapseMonitor:
         self.history.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tb = self.log.tb
+        tb.add_scalar("collapse/deepest_layer_cos_sim", layers[-1]["cos_sim"], step)
+        tb.add_scalar("collapse/lowest_stable_rank", min(layer["stable_rank"] for layer in layers), step)
+        tb.add_scalar("collapse/collapsed_layers", sum(map(self.is_collapsed, layers)), step)
         for layer in layers:
             for metric, value in layer.items():
                 if metric == "layer":
                     continue
                 value = sum(value) / len(value) if isinstance(value, list) else value
-                self.log.tb.add_scalar(f"collapse/{metric}/layer_{layer['layer']:04d}", value, step)
+                tb.add_scalar(f"layers/{metric}/layer_{layer['layer']:04d}", value, step)
             if self.is_collapsed(layer) and layer["layer"] not in self.warned:
                 self.warned.add(layer["layer"])
                 self.log.info(f"warning: layer {layer['layer']} collapsed at step {step} (cos_sim {layer['cos_sim']:.3f}, "
                               f"stable rank {layer['stable_rank']:.2f}): its tokens are growing alike")
+        from model.plot_monitors import heatmap_figure
+
         for metric in HEATMAP_METRICS:
-            image = heatmap_image(self.history, metric)
-            if image is not None:
-                self.log.tb.add_image(f"collapse_heatmap/{metric}", image, step, dataformats="HWC")
+            figure = heatmap_figure(self.history, metric, title=f"{metric} at step {step}")
+            if figure is not None:
+                tb.add_figure(f"collapse_heatmap/{metric}", figure, step)  # closes the figure
         return self.deepest_cos
-
-
-def metric_grid(history, metric):
-    """[layers, monitor steps] array of one metric (NaN where a step lacks it), and the steps."""
-    import numpy as np
-
-    steps = [r["step"] for r in history]
-    grid = np.full((len(history[0]["layers"]), len(history)), np.nan) if history else np.zeros((0, 0))
-    for j, r in enumerate(history):
-        for layer in r["layers"]:
-            value = layer.get(metric)
-            if value is not None:
-                grid[layer["layer"], j] = sum(value) / len(value) if isinstance(value, list) else value
-    return grid, steps
-
-
-def heatmap_image(history, metric, cell=4):
-    """An RGB uint8 picture of the layer × step grid (layer 0 at the bottom), for TensorBoard."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    grid, _ = metric_grid(history, metric)
-    if grid.size == 0 or np.isnan(grid).all():
-        return None
-    lo, hi = np.nanmin(grid), np.nanmax(grid)
-    scaled = np.nan_to_num((grid - lo) / (hi - lo) if hi > lo else grid * 0)
-    rgb = (colormaps["viridis"](scaled[::-1])[..., :3] * 255).astype(np.uint8)
-    return rgb.repeat(cell, axis=0).repeat(cell, axis=1)

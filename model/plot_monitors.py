@@ -10,16 +10,50 @@ import sys
 from pathlib import Path
 
 from launch.run_dir import RunDir, read_jsonl
-from model.monitors import metric_grid
 
 DEFAULT_METRICS = "cos_sim,t_sim,stable_rank,rms,attn_sigma_ratio,grad_norm,update_ratio"
+# metrics with a natural range get a fixed colour scale, so that panels and steps compare
+FIXED_RANGES = {"cos_sim": (0, 1), "t_sim": (0, 1), "attn_sigma_ratio": (0, 1)}
+
+
+def metric_grid(history, metric):
+    """[layers, monitor steps] array of one metric (NaN where a step lacks it), and the steps."""
+    import numpy as np
+
+    steps = [r["step"] for r in history]
+    grid = np.full((len(history[0]["layers"]), len(history)), np.nan) if history else np.zeros((0, 0))
+    for j, r in enumerate(history):
+        for layer in r["layers"]:
+            value = layer.get(metric)
+            if value is not None:
+                grid[layer["layer"], j] = sum(value) / len(value) if isinstance(value, list) else value
+    return grid, steps
 
 
 def draw_heatmap(ax, grid, steps, metric):
-    """A layer × step grid on ax; cosine is drawn on a fixed 0..1 scale so that panels compare."""
-    bounds = (0, 1) if metric == "cos_sim" else (None, None)
-    return ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis",
-                     extent=(steps[0], steps[-1], -0.5, grid.shape[0] - 0.5), vmin=bounds[0], vmax=bounds[1])
+    """A layer × step grid on ax (layer 0 at the bottom)."""
+    vmin, vmax = FIXED_RANGES.get(metric, (None, None))
+    extent = (steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1, -0.5, grid.shape[0] - 0.5)
+    return ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", extent=extent,
+                     vmin=vmin, vmax=vmax)
+
+
+def heatmap_figure(history, metric, title):
+    """A labelled layer × step heatmap with its colour bar, or None when the metric was not recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid, steps = metric_grid(history, metric)
+    if grid.size == 0 or np.isnan(grid).all():
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig.colorbar(draw_heatmap(ax, grid, steps, metric), ax=ax, label=metric)
+    ax.set(xlabel="step", ylabel="layer", title=title)
+    fig.tight_layout()
+    return fig
 
 
 def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, title=None):
@@ -53,11 +87,7 @@ def plot_run(run, steps=None, metrics=DEFAULT_METRICS.split(","), output=None, t
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        image = draw_heatmap(ax, grid, grid_steps, metric)
-        fig.colorbar(image, ax=ax, label=metric)
-        ax.set(xlabel="step", ylabel="layer", title=f"{title}: {metric}")
-        fig.tight_layout()
+        fig = heatmap_figure(history, metric, f"{title}: {metric}")
         written.append(output / f"{metric}_heatmap.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)

@@ -68,8 +68,8 @@ class FakeLog:
     def add_scalar(self, tag, value, step):
         self.scalars[tag, step] = value
 
-    def add_image(self, tag, image, step, dataformats):
-        self.images[tag, step] = image
+    def add_figure(self, tag, figure, step):
+        self.images[tag, step] = figure
 
 
 def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
@@ -86,8 +86,13 @@ def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
     collapsed = [layer["layer"] for layer in lines[0]["layers"] if layer["cos_sim"] >= 0.9]
     assert collapsed and len(log.messages) == len(collapsed)  # once per layer, not per record
     assert f"layer {collapsed[0]} collapsed at step 0 (cos_sim" in log.messages[0]
-    assert ("collapse/cos_sim/layer_0011", 10) in log.scalars
-    assert log.images["collapse_heatmap/cos_sim", 10].shape == (12 * 4, 2 * 4, 3)
+    assert ("layers/cos_sim/layer_0011", 10) in log.scalars  # per-layer cards in a group of their own
+    assert log.scalars["collapse/deepest_layer_cos_sim", 10] == lines[1]["layers"][-1]["cos_sim"]
+    assert log.scalars["collapse/collapsed_layers", 0] == len(collapsed)
+    assert log.scalars["collapse/lowest_stable_rank", 0] == min(x["stable_rank"] for x in lines[0]["layers"])
+    ax, colorbar = log.images["collapse_heatmap/cos_sim", 10].axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), colorbar.get_ylabel()) == ("step", "layer", "cos_sim")
+    assert ax.images[0].get_clim() == (0, 1)  # a fixed colour range: steps and runs compare
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,91 @@
+"""Fitting the tools researchers use: the FLOPs count behind MFU, W&B (offline), plain log lines
+when stderr is a file, profiler traces, and TensorBoard's summary group and labelled heatmaps."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from configs import load_config
+from model import Transformer
+from model.flops import flops_per_token, matmul_parameters, peak_tflops
+from tests.conftest import TINY_MODEL, run_cli
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.mlp_ratio=2", "model.n_layers=3", "model.tie_embeddings=false"]])
+def test_flops_per_token_equals_torchs_count(overrides):
+    cfg = load_config([], ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.vocab_size=100",
+                           "model.max_seq_len=16", "train.seq_len=16", *overrides]).model
+    model = Transformer(cfg)
+    B, T = 3, 16
+    x = torch.randint(0, 100, (B, T))
+    # the math backend runs attention as matmuls the counter sees (fused CPU kernels are not counted)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert flops_per_token(cfg, T, B * T) * B * T == counter.get_total_flops()
+    assert matmul_parameters(cfg) == sum(p.numel() for n, p in model.named_parameters()
+                                         if p.dim() == 2 and n != "position_embedding.weight"
+                                         and (n != "token_embedding.weight" or cfg.tie_embeddings))
+
+
+def test_seed_methods_add_their_own_work_and_peaks_are_known():
+    base = ["model.n_layers=4", "model.d_model=64", "model.vocab_size=257"]
+    vanilla = flops_per_token(load_config(["configs/methods/vanilla.yaml"], base).model, 128, 2048)
+    for preset in ("surgery", "spectral", "gapfree", "shaped"):
+        assert flops_per_token(load_config([f"configs/methods/{preset}.yaml"], base).model, 128, 2048) > vanilla
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("cpu") is None
+    assert peak_tflops("anything", override=100.0) == 100.0
+
+
+@pytest.fixture(scope="module")
+def logged_run(tiny_data, tmp_path_factory):
+    """A run with W&B offline and a profiled step, started twice (the second resumes); stderr is a
+    pipe, as under SLURM or nohup."""
+    out = tmp_path_factory.mktemp("ecosystem") / "run"
+    common = [*TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.log_every=2", "monitor.every=4",
+              "train.wandb_project=fathom-tests", "train.profile_steps=3:4"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    first = run_cli("train.py", *common, "train.max_steps=8", "train.stop_at_step=4", env=env)
+    second = run_cli("train.py", *common, "train.max_steps=8", env=env)
+    return out, first, second
+
+
+def test_plain_log_lines_when_stderr_is_not_a_terminal(logged_run):
+    _, first, second = logged_run
+    assert "\r" not in first.stderr + second.stderr
+    assert "step 2/8 loss=" in first.stderr and "step 8/8 loss=" in second.stderr
+
+
+def test_wandb_offline_run_holds_the_scalars_and_resumes(logged_run):
+    out, _, _ = logged_run
+    run_id = (out / "wandb_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # one W&B run, resumed
+    logged = b"".join(r.joinpath(f"run-{run_id}.wandb").read_bytes() for r in runs)
+    for key in (b"train/loss", b"train/lr", b"train/grad_norm", b"train/tokens_per_s", b"train/tflops_per_rank",
+                b"collapse/deepest_layer_cos_sim", b"layers/stable_rank/layer_0001", b"collapse_heatmap/cos_sim"):
+        assert key in logged, key
+
+
+def test_flops_fields_and_profiler_trace(logged_run):
+    out, _, _ = logged_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert all(r["model_flops_per_token"] > 0 and r["tflops_per_rank"] > 0 for r in train)
+    assert all("mfu" not in r for r in train)  # no peak to compare with on a CPU
+    traces = list((out / "tensorboard").glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+
+
+def test_tensorboard_groups_summaries_first(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"collapse/deepest_layer_cos_sim", "collapse/lowest_stable_rank", "collapse/collapsed_layers"} <= set(scalars)
+    assert not any(t.startswith("collapse/") and "layer_0" in t for t in scalars)  # per-layer cards live elsewhere
+    assert "layers/cos_sim/layer_0001" in scalars
+    assert "collapse_heatmap/cos_sim" in events.Tags()["images"]
