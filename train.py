@@ -58,8 +58,11 @@ def lr_factor(step, cfg):
 
 def param_groups(model, weight_decay):
     """Decay matrices only: norms, shaped gains and spectral eigenvalues are not pulled to 0."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def matrix(p):  # a ZeRO-3 partition is flat: its full shape is ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -195,18 +198,25 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         write_atomically(run_dir.config, to_yaml(cfg))
     dist.barrier()
 
+    ds_config = deepspeed_config(t, precision, grad_accum)
+    if resume and resume.needs_universal(world_size):
+        ds_config["checkpoint"] = {"load_universal": True}
     torch.manual_seed(t.seed)
-    model = Transformer(cfg.model)
+    # ZeRO-3 partitions every parameter as it is created, so no rank ever holds the whole model
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=t.zero_stage == 3):
+        model = Transformer(cfg.model)
     if cfg.model.head_bias == "log_unigram":
         model.init_head_bias(train_token_counts(data_path, meta))
+    # what this rank holds right after construction (a partition of each parameter under ZeRO-3)
+    held = torch.tensor([float(sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters()))],
+                        device=get_accelerator().current_device_name())
+    held_per_rank = [torch.zeros_like(held) for _ in range(world_size)]
+    dist.all_gather(held_per_rank, held)
     model.checkpoint_every = t.activation_checkpointing
     optimizer = make_optimizer(model, t)
     injections = [FaultInjection(spec, model, factor) for spec, factor in
                   ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ds_config = deepspeed_config(t, precision, grad_accum)
-    if resume and resume.needs_universal(world_size):
-        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
 
@@ -232,7 +242,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
              + (f"; resumed from {resume.path}" if resume else ""))
     if not resume:
         log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
-                   "global_batch": batches.global_batch}, "data")
+                   "parameters_per_rank": [int(h.item()) for h in held_per_rank], "global_batch": batches.global_batch},
+                  "data")
     monitor = None
     if cfg.monitor.every:
         probe = ValBatches(data_path, t.seq_len, cfg.monitor.batch, 1, 1, 0)

@@ -1,5 +1,11 @@
-"""Weight init: a base scheme for every matrix (`model.init`), then each method's own init on top."""
+"""Weight init: a base scheme for every matrix (`model.init`), then each method's own init on top.
 
+Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so each parameter is already a
+partition here: it is gathered one at a time to be initialized (rank 0's values are kept), which
+keeps the memory of a model larger than one rank bounded and the random draws in the same order.
+"""
+
+import contextlib
 import math
 
 import torch
@@ -23,26 +29,41 @@ def base_init_(name, p, scheme, n_layers):
         nn.init.xavier_normal_(p)
 
 
+def full(p):
+    """The whole parameter for the duration of the block (a ZeRO-3 partition is gathered, then
+    re-partitioned with rank 0's values); a no-op otherwise."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def init_weights(model, cfg):
     # Only matrices: norms, shaped gains and spectral eigenvalues keep their constructors' values.
     # The spectral basis is a matrix too, but its scale is irrelevant: only its Q factor is used.
     for name, p in model.named_parameters():
-        if p.dim() == 2:
-            base_init_(name, p, cfg.init, cfg.n_layers)
+        if len(getattr(p, "ds_shape", p.shape)) == 2:
+            with full(p):
+                base_init_(name, p, cfg.init, cfg.n_layers)
     if model.lm_head.bias is not None:
-        model.lm_head.bias.zero_()  # log_unigram is set from the data by the trainer (init_head_bias)
+        with full(model.lm_head.bias):
+            model.lm_head.bias.zero_()  # log_unigram is set from the data by the trainer (init_head_bias)
     for block in model.blocks:
         if cfg.qk_init == "xavier":
             # "Mind the Gap" starts W_Q, W_K Xavier-normal: then A is a Markov matrix with a real spectral
             # gap; at std 0.02 A is nearly C and A - C nearly 0, so gap removal would start as an MLP stack
-            for w in block.attn.query_key.weight.chunk(2):
-                nn.init.xavier_normal_(w)
+            with full(block.attn.query_key.weight):
+                for w in block.attn.query_key.weight.chunk(2):
+                    nn.init.xavier_normal_(w)
     for block in model.blocks:
         beta = block.attn_residual.branch_init_gain
         if beta != 1.0:
             for name, p in block.named_parameters():
                 if name in DEEPNORM_BRANCH:
-                    p.mul_(beta)
+                    with full(p):
+                        p.mul_(beta)
         if block.attn.mixer.zero_query_init:
-            block.attn.query_key.weight[: cfg.d_model].zero_()
+            with full(block.attn.query_key.weight):
+                block.attn.query_key.weight[: cfg.d_model].zero_()

@@ -95,8 +95,11 @@ class Transformer(nn.Module):
         """model.head_bias=log_unigram: the output bias starts at the log of the training split's token
         frequencies, so the untrained model already predicts the unigram distribution. Tokens the
         split never holds get half a count (log 0 would be -inf; softmax renormalizes the excess)."""
+        from model.init import full
+
         counts = torch.as_tensor(token_counts, dtype=torch.float64)
-        self.lm_head.bias.copy_((counts.clamp_min(0.5) / counts.sum()).log())
+        with full(self.lm_head.bias):
+            self.lm_head.bias.copy_((counts.clamp_min(0.5) / counts.sum()).log())
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -106,4 +109,5 @@ class Transformer(nn.Module):
         return from_pretrained(directory)
 
     def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
+        """All parameters, also when ZeRO-3 holds only a partition of each on this rank."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())

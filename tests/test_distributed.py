@@ -7,12 +7,13 @@ import torch
 
 from configs import load_config
 from model import Transformer
+from launch.run_dir import read_jsonl
 from tests.conftest import STEPS, losses, train
 
 
 @pytest.fixture(scope="session")
 def distributed_runs(tiny_data, tmp_path_factory):
-    """Each run once: name -> its logged losses."""
+    """Each run once: name -> its run directory."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {
         "deepspeed-zero0": ("deepspeed", []),
@@ -26,22 +27,35 @@ def distributed_runs(tiny_data, tmp_path_factory):
     for name, (how, extra) in runs.items():
         # monitor.every=3: every launcher and ZeRO stage also runs the monitors' collective gradient reads
         train(how, root / name, tiny_data, *extra, "monitor.every=3")
-        out[name] = losses(root / name)
+        out[name] = root / name
     return out
 
 
 def test_deepspeed_and_torchrun_log_identical_losses(distributed_runs):
-    assert len(distributed_runs["torchrun-zero0"]) == STEPS
-    assert distributed_runs["deepspeed-zero0"] == distributed_runs["torchrun-zero0"]
+    assert len(losses(distributed_runs["torchrun-zero0"])) == STEPS
+    assert losses(distributed_runs["deepspeed-zero0"]) == losses(distributed_runs["torchrun-zero0"])
 
 
 def test_two_ranks_equal_one_rank_with_grad_accum_2(distributed_runs):
-    assert distributed_runs["python-accum2"] == pytest.approx(distributed_runs["torchrun-zero0"], rel=1e-5)
+    assert losses(distributed_runs["python-accum2"]) == pytest.approx(losses(distributed_runs["torchrun-zero0"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("run", ["torchrun-zero1", "torchrun-zero2-checkpointing", "torchrun-zero3"])
 def test_zero_stages_and_checkpointing_match_zero0(distributed_runs, run):
-    assert distributed_runs[run] == pytest.approx(distributed_runs["torchrun-zero0"], rel=1e-5)
+    assert losses(distributed_runs[run]) == pytest.approx(losses(distributed_runs["torchrun-zero0"]), rel=1e-5)
+
+
+def test_zero3_builds_the_model_partitioned(distributed_runs):
+    """Under deepspeed.zero.Init each of 2 ranks holds half the parameters right after construction
+    (a model larger than one rank's memory can be built); without ZeRO-3 each holds all of them."""
+    def held(run):
+        data = read_jsonl(distributed_runs[run] / "metrics.jsonl")[0]
+        return data["parameters"], data["parameters_per_rank"]
+
+    total, per_rank = held("torchrun-zero3")
+    assert len(per_rank) == 2 and all(abs(n - total / 2) <= 0.01 * total for n in per_rank)
+    total, per_rank = held("torchrun-zero0")
+    assert per_rank == [total, total]
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
