@@ -213,6 +213,11 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     held_per_rank = [torch.zeros_like(held) for _ in range(world_size)]
     dist.all_gather(held_per_rank, held)
     model.checkpoint_every = t.activation_checkpointing
+    if t.compile:
+        # per block: every block has the same code, so one compiled graph serves them all (minutes
+        # less than compiling a 1000-layer model whole); embeddings and head stay eager
+        for block in model.blocks:
+            block.compile()
     optimizer = make_optimizer(model, t)
     injections = [FaultInjection(spec, model, factor) for spec, factor in
                   ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]

@@ -161,6 +161,7 @@ class TrainConfig:
                                 check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+(:\d+)?", v) is not None,
                                        "empty or LAYER:STEP[:COUNT], e.g. 3:100"))
     deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
+    compile: bool = opt(False, "torch.compile each Transformer block (the first steps pay the compile time)")
     wandb_project: str = opt("", "also log to this Weights & Biases project (rank 0; one W&B run per out_dir, resumed "
                                  "after a restart; WANDB_MODE=offline works without a network)")
     peak_tflops: float = opt(0.0, "the device's dense bf16/fp16 peak for MFU (0 = known GPUs by name; none on CPU)",
