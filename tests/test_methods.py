@@ -78,8 +78,9 @@ def test_gapfree_equation_rows_sum_to_zero_and_first_position_is_zero():
     assert torch.all(out[:, :, 0] == 0)
 
 
-def test_shaped_equation_with_nontrivial_gains():
-    cfg = model_config("model.attention=shaped")
+@pytest.mark.parametrize("temperature", ["head", "width"])
+def test_shaped_equation_with_nontrivial_gains(temperature):
+    cfg = model_config("model.attention=shaped", f"model.shaped.temperature={temperature}", "model.shaped.tau0=1.3")
     mixer = MIXERS["shaped"](cfg)
     with torch.no_grad():
         mixer.alpha.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
@@ -87,7 +88,7 @@ def test_shaped_equation_with_nontrivial_gains():
         mixer.gamma.copy_(torch.tensor([0.2, 0.9, 1.1, 0.4]))
     q, k, v = qkv()
     T, d_head = q.shape[-2], q.shape[-1]
-    tau = cfg.shaped.tau0 * math.sqrt(cfg.d_model * d_head)
+    tau = 1.3 * math.sqrt((cfg.d_model if temperature == "width" else 1) * d_head)
     g = lambda p: p.view(1, -1, 1, 1)  # noqa: E731
     A = g(mixer.alpha) * torch.eye(T) + g(mixer.beta) * softmax_matrix(q, k, 1 / tau) - g(mixer.gamma) * causal_uniform(T)
     assert torch.allclose(mixer(q, k, v), A @ v, atol=1e-10)

@@ -16,8 +16,11 @@ def test_loss_falls_and_run_dir_is_complete(tiny_run):
     train = [r for r in lines if "loss" in r]
     val = [r for r in lines if "val_loss" in r]
     assert [r["step"] for r in train] == list(range(5, 45, 5))
-    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    # the log-unigram head bias starts the model at the unigram level; it then learns past it
+    unigram = lines[0]["unigram_entropy"]
+    assert abs(train[0]["loss"] - unigram) < 0.3
     assert [r["step"] for r in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"]
+    assert val[1]["val_loss"] < unigram
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train)
     assert lines[0]["unigram_entropy"] > 0
     assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
