@@ -1,13 +1,14 @@
-"""Export a run's checkpoint as consolidated weights, its config and its tokenizer.
+"""Export a run's checkpoint as consolidated fp32 weights, its config and its tokenizer.
 
     python -m model.export --run OUT_DIR --output DIR [--checkpoint TAG]
 
-Writes DIR/model.safetensors, DIR/config.yaml and the tokenizer file; load it anywhere with
-`Transformer.from_pretrained(DIR)`.
+Writes DIR/model.safetensors, DIR/config.yaml and the run's tokenizer file, which
+`Transformer.from_pretrained(DIR)` loads; and config.json, its code (modeling_fathom.py and the model
+files it imports) and a fast tokenizer, which transformers loads without Fathom:
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`, `AutoTokenizer.from_pretrained(DIR)`.
 """
 
 import argparse
-import shutil
 from pathlib import Path
 
 from configs import ConfigError, exit_on_error
@@ -20,8 +21,7 @@ def export(run, output, tag=None):
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"--output {str(output)!r} already exists and is not empty: choose a new folder")
     cfg, model, marker, data_path, meta = load_run(run, tag)
-    save_pretrained(model, cfg, output)
-    shutil.copy2(Path(data_path) / meta["tokenizer"]["file"], output / meta["tokenizer"]["file"])
+    save_pretrained(model, cfg, output, Path(data_path) / meta["tokenizer"]["file"])
     return output, marker["step"]
 
 

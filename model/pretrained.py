@@ -38,12 +38,39 @@ def run_config(marker):
 
 
 def consolidated_state_dict(path, marker):
+    """The fp32 weights of a checkpoint: for bf16/fp16, the optimizer's fp32 master copy, not the rounded module."""
     if marker["zero_stage"] == 0:
         states = load_safely(path / "mp_rank_00_model_states.pt")
-        return {k: v.float() for k, v in states["module"].items()}
+        weights = {k: v.float() for k, v in states["module"].items()}
+        if "fp32_groups" in (states.get("optimizer") or {}):
+            weights.update(master_weights(states, marker))
+        return weights
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
+def master_weights(states, marker):
+    """{name: fp32 master weight} of a ZeRO-0 bf16/fp16 checkpoint. DeepSpeed saves them per optimizer
+    group without names; train.param_groups puts the trained matrices first, then the other trained
+    parameters, each in module order. Each master must round to the saved module weight."""
+    import torch
+
+    from model import Transformer
+
+    with torch.device("meta"):  # names, shapes and flags only
+        model = Transformer(run_config(marker).model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ordered = [p for p in trained if p.dim() >= 2] + [p for p in trained if p.dim() < 2]
+    groups = states["optimizer"]["fp32_groups"]
+    masters = dict(zip(map(id, ordered), (t for group in groups for t in group)))
+    # a tied head is one parameter under two names: both get its master
+    weights = {n: masters[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in masters}
+    module = states["module"]
+    if sum(map(len, groups)) != len(ordered) or not all(
+            m.shape == module[n].shape and torch.equal(m.to(module[n].dtype), module[n]) for n, m in weights.items()):
+        raise ValueError("its fp32 master weights do not match its parameters")
+    return weights
 
 
 def load_run(run, tag=None, data=None):
@@ -68,13 +95,19 @@ def load_run(run, tag=None, data=None):
     return cfg, model.eval(), marker, data_path, meta
 
 
-def save_pretrained(model, cfg, directory):
+def save_pretrained(model, cfg, directory, tokenizer=None):
+    """model.safetensors and config.yaml for `Transformer.from_pretrained`; config.json, the code it names
+    and (given the tokenizer file) a fast tokenizer for transformers' Auto classes, in the same folder."""
     from safetensors.torch import save_model
+
+    from model.hf.save import save_hf
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))  # handles the tied embedding / LM head
+    # handles the tied embedding / LM head; transformers reads only files marked as PyTorch's
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    save_hf(cfg.model, directory, tokenizer)
 
 
 def from_pretrained(directory):
