@@ -1,12 +1,19 @@
 """Any corpus -> a trained tokenizer, flat token shards and meta.json, in one command.
 
     python -m data.prepare --input SRC --output DIR [--tokenizer bpe|sentencepiece|bytes|PATH]
-                           [--vocab-size N] [--text-column NAME] [--val-fraction F] [--workers N]
+                           [--vocab-size N] [--tokenizer-sample-bytes SIZE] [--text-column NAME]
+                           [--val-fraction F] [--workers N] [--streaming]
 
 SRC is a file, a folder or a glob of text / JSONL / Parquet files, a `datasets` dataset saved with
 `save_to_disk`, or a dataset name for `datasets.load_dataset`. Text files give one document per
-file; JSONL and Parquet one per row (`--text-column`). Documents go to the val split by content
-hash; a corpus too small for that (a single file) holds out evenly spaced blocks of each document.
+file; JSONL and Parquet one per row (`--text-column`); hidden files and folders are skipped.
+Documents go to the val split by content hash; a corpus too small for that (a single file) holds
+out evenly spaced blocks of each document.
+
+Memory does not grow with the corpus: the tokenizer is trained on the first
+--tokenizer-sample-bytes of the input, then one pass reads the documents in order while worker
+processes split and tokenize chunks of them, and their tokens go to the shards as they come back,
+in input order, so the output is byte-identical for any --workers.
 Output (read by data/loader.py):
     DIR/meta.json  DIR/tokenizer.json|tokenizer.model  DIR/train_0000.bin ...  DIR/val_0000.bin ...
 Everything is written under a temporary name and renamed when complete, so a crash never leaves
@@ -14,21 +21,29 @@ a half-prepared directory that looks done.
 """
 
 import argparse
+import collections
 import glob
 import hashlib
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data.meta import DataError, MetaFile
 from data.tokenizer import KINDS, TokenizerError, load_tokenizer
 
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: shards are memory-mapped, the size only bounds file count
+SPLITS = ("train", "val")
+SAMPLE_BYTES = 1 << 30  # default --tokenizer-sample-bytes: BPE merges settle long before; memory grows with it
+CHUNK_BYTES = 1 << 20  # text per unit of work: large enough to amortize sending it to a worker, small enough to bound memory
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else is read as text
 
 
@@ -86,25 +101,60 @@ class BlockSplit(DocumentSplit):
         return [text[a:b] for a, b in zip(edges[::2], edges[1::2]) if b > a]
 
 
-def choose_split(ds, val_fraction, source):
-    """The hash split when it gives both splits at least one document, else the block split."""
+def documents(ds, batch=256):
+    """The non-empty texts of ds, in input order."""
+    for rows in ds.iter(batch_size=batch):
+        yield from (text for text in rows["text"] if text)
+
+
+def head(ds, limit, progress=None):
+    """The first documents of ds holding `limit` bytes of text (all of them when it holds less)."""
+    taken = 0
+    for text in documents(ds):
+        if taken >= limit:
+            return
+        yield text
+        size = len(text.encode("utf-8", "replace"))
+        taken += size
+        if progress is not None:
+            progress.update(size)
+
+
+def choose_split(ds, val_fraction, source, sample_bytes):
+    """The hash split when it gives both splits a document within the tokenizer sample, else the
+    block split. A large corpus settles it within its first documents, so this pass costs nothing."""
     counts = [0, 0]
-    for row in ds:
-        if row["text"]:
-            counts[is_validation(row["text"], val_fraction)] += 1
+    for text in head(ds, sample_bytes):
+        counts[is_validation(text, val_fraction)] += 1
+        if all(counts):
+            return DocumentSplit(val_fraction)
     if not any(counts):
         raise DataError(f"input {source!r} holds no text: point --input at non-empty documents")
-    return DocumentSplit(val_fraction) if all(counts) else BlockSplit(val_fraction)
+    return BlockSplit(val_fraction)
 
 
 def input_files(src):
+    """The files of a file, folder or glob, sorted. Hidden files and folders (.git, .cache, ...) are
+    skipped at every level: a folder walk prunes them, and glob wildcards never match them."""
     if any(c in src for c in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(src, recursive=True))
+        paths = glob.glob(src, recursive=True)
     elif Path(src).is_dir():
-        paths = sorted(Path(src).rglob("*"))
+        paths = []
+        for root, dirs, files in os.walk(src):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
     else:
-        paths = [Path(src)]
-    return [str(p) for p in paths if p.is_file() and not p.name.startswith(".")]
+        paths = [src]
+    return [str(p) for p in sorted(map(Path, paths)) if p.is_file()]
+
+
+def parquet_text_bytes(path, column):
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    groups = (md.row_group(i) for i in range(md.num_row_groups))
+    return sum(g.column(j).total_uncompressed_size for g in groups for j in range(g.num_columns)
+               if g.column(j).path_in_schema == column)
 
 
 def looks_like_dataset_name(src):
@@ -112,10 +162,13 @@ def looks_like_dataset_name(src):
 
 
 def load_documents(src, text_column="text", streaming=False):
-    """A `datasets` Dataset (or IterableDataset when streaming) with the documents in `text_column`."""
+    """A `datasets` dataset with the documents in a "text" column. Local files are always read as a
+    stream (a pretraining corpus is not copied into an Arrow cache first), with their size in
+    `info.dataset_size`; `streaming` only concerns dataset names."""
     import datasets
 
     path = Path(src)
+    size = None
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(src)
         if isinstance(ds, datasets.DatasetDict):
@@ -129,7 +182,8 @@ def load_documents(src, text_column="text", streaming=False):
             raise DataError(f"input {src!r} mixes text, JSON and Parquet files: prepare each kind separately")
         builder = builders.pop()
         kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        size = sum(parquet_text_bytes(f, text_column) if builder == "parquet" else os.path.getsize(f) for f in files)
     elif looks_like_dataset_name(src):
         try:
             ds = datasets.load_dataset(src, split="train", streaming=streaming)
@@ -141,21 +195,18 @@ def load_documents(src, text_column="text", streaming=False):
     columns = ds.column_names or list(next(iter(ds)).keys())
     if text_column not in columns:
         raise DataError(f"input {src!r} has no column {text_column!r}: pass --text-column, one of {columns}")
-    return ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" \
+    ds = ds.select_columns([text_column]).rename_column(text_column, "text") if text_column != "text" \
         else ds.select_columns(["text"])
+    if size is not None:
+        ds.info.dataset_size = size
+    return ds
 
 
-def text_batches(ds, splitter, split, batch=1000):
-    """The non-empty text of one split, in batches of strings."""
-    buf = []
-    for row in ds:
-        for text in splitter.pieces(row["text"] or "", split):
-            buf.append(text)
-            if len(buf) == batch:
-                yield buf
-                buf = []
-    if buf:
-        yield buf
+def text_bytes(ds):
+    """Bytes of text in ds as far as known without reading it (None when unknown)."""
+    import datasets
+
+    return ds.data.nbytes if isinstance(ds, datasets.Dataset) else ds.info.dataset_size
 
 
 class ShardWriter:
@@ -194,56 +245,127 @@ class ShardWriter:
         return float(-(p * np.log(p)).sum())
 
 
-def tokenize(ds, tok, splitter, split, workers):
-    """Token ids of one split as batches of flat arrays, each document followed by end-of-text."""
-    import datasets
+def chunks(ds, size=CHUNK_BYTES):
+    """The documents of ds in input order, grouped into lists of about `size` characters."""
+    chunk, held = [], 0
+    for text in documents(ds):
+        chunk.append(text)
+        held += len(text)
+        if held >= size:
+            yield chunk
+            chunk, held = [], 0
+    if chunk:
+        yield chunk
 
-    eot = tok.eot_id
 
-    def encode(batch):
-        keep = [piece for t in batch["text"] for piece in splitter.pieces(t or "", split)]
-        ids = tok.encode_batch(keep)
-        return {"ids": [np.concatenate([np.asarray(i, dtype=np.int64), [eot]]) for i in ids]}
+class ChunkEncoder:
+    """A chunk of documents -> (bytes of text, train ids, val ids), each piece followed by end-of-text."""
 
-    if isinstance(ds, datasets.IterableDataset):
-        mapped = ds.map(encode, batched=True, batch_size=500, remove_columns=["text"])
-        for row in mapped:
-            yield row["ids"]
+    def __init__(self, tok, splitter, dtype):
+        self.tok, self.splitter, self.dtype = tok, splitter, dtype
+
+    def __call__(self, docs):
+        ids = [self.tok.encode_documents([piece for text in docs for piece in self.splitter.pieces(text, split)],
+                                         self.dtype) for split in SPLITS]
+        return sum(len(text.encode("utf-8", "replace")) for text in docs), *ids
+
+
+_worker_encoder = None  # one per worker process, built once by its initializer
+
+
+def _start_worker(tokenizer_file, splitter, dtype):
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a worker is one core: --workers sets the parallelism
+    _worker_encoder = ChunkEncoder(load_tokenizer(tokenizer_file), splitter, dtype)
+
+
+def _encode_in_worker(docs):
+    return _worker_encoder(docs)
+
+
+def encoded_chunks(ds, tok, tokenizer_file, splitter, dtype, workers):
+    """ChunkEncoder's output for every chunk of ds, in input order whatever the number of workers.
+
+    The main process reads the input (a file, a stream or a cached dataset alike) and workers split
+    and tokenize; at most two chunks per worker are in flight, so memory does not grow with the corpus."""
+    if workers == 1:
+        yield from map(ChunkEncoder(tok, splitter, dtype), chunks(ds))
         return
-    mapped = ds.map(encode, batched=True, batch_size=500, remove_columns=["text"], num_proc=workers if workers > 1 else None,
-                    desc=f"tokenize {split}", load_from_cache_file=False, keep_in_memory=True)
-    mapped = mapped.with_format("numpy")
-    for start in range(0, len(mapped), 1000):
-        yield np.concatenate(list(mapped[start : start + 1000]["ids"]))
+    # spawn: the tokenizer library's thread pool (used by training) does not survive a fork
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(str(tokenizer_file), splitter, dtype))
+    try:
+        pending = collections.deque()
+        for chunk in chunks(ds):
+            pending.append(pool.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-def make_tokenizer(spec, ds, vocab_size, splitter):
-    if spec in KINDS:
-        return KINDS[spec].train(text_batches(ds, splitter, "train"), vocab_size)
-    return load_tokenizer(spec)
+def make_tokenizer(spec, ds, vocab_size, splitter, sample_bytes):
+    """A tokenizer trained on the train pieces of the first `sample_bytes` of the input, or loaded."""
+    if spec not in KINDS:
+        return load_tokenizer(spec)
+    size = text_bytes(ds)
+    with tqdm(total=min(sample_bytes, size) if size else None, desc="tokenizer sample", unit="B", unit_scale=True,
+              disable=None) as progress:
+        texts = (piece for text in head(ds, sample_bytes, progress) for piece in splitter.pieces(text, "train"))
+        return KINDS[spec].train(texts, vocab_size)
 
 
-def prepare(ds, output, tokenizer="bpe", vocab_size=8192, val_fraction=0.02, workers=1, source=""):
+def check_disk_space(ds, tok, directory, dtype, output):
+    """Stop before writing shards that would not fit: tokens per byte measured on the first MBs."""
+    size = text_bytes(ds)
+    if not size:
+        return
+    sample = list(head(ds, 1 << 22))
+    per_byte = len(tok.encode_documents(sample, dtype)) / sum(len(text.encode("utf-8", "replace")) for text in sample)
+    need, free = size * per_byte * np.dtype(dtype).itemsize, shutil.disk_usage(directory).free
+    if need > free:
+        raise DataError(f"output {str(output)!r} needs about {need / 1e9:.1f} GB ({size / 1e9:.1f} GB of text, "
+                        f"{per_byte:.2f} tokens per byte of {np.dtype(dtype).itemsize} bytes each) and its disk has "
+                        f"{free / 1e9:.1f} GB free: free space or choose an --output on a larger disk")
+
+
+def prepare(ds, output, tokenizer="bpe", vocab_size=8192, val_fraction=0.02, workers=1, source="",
+            sample_bytes=SAMPLE_BYTES):
     """Tokenize the documents of `ds` (a `datasets` dataset with a "text" column) into `output`."""
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise DataError(f"output {str(output)!r} already exists and is not empty: choose a new --output or remove it")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be between 0 and 1")
-    splitter = choose_split(ds, val_fraction, source)
+    if workers < 1:
+        raise DataError(f"--workers {workers} must be at least 1")
+    if sample_bytes < 1:
+        raise DataError(f"--tokenizer-sample-bytes {sample_bytes} must be at least 1")
+    splitter = choose_split(ds, val_fraction, source, sample_bytes)
 
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tok = make_tokenizer(tokenizer, ds, vocab_size, splitter)
+        tok = make_tokenizer(tokenizer, ds, vocab_size, splitter, sample_bytes)
         tok.save(tmp)
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        check_disk_space(ds, tok, tmp, dtype, output)
         meta = MetaFile.new(source, tok, tmp, np.dtype(dtype).name, splitter.name)
-        for split in ("train", "val"):
-            writer = ShardWriter(tmp, split, dtype, tok.vocab_size)
-            for ids in tokenize(ds, tok, splitter, split, workers):
-                writer.write(ids)
+        writers = [ShardWriter(tmp, split, dtype, tok.vocab_size) for split in SPLITS]
+        started, done = time.perf_counter(), 0
+        with tqdm(total=text_bytes(ds), desc="tokenize", unit="B", unit_scale=True, disable=None) as progress:
+            for nbytes, *ids in encoded_chunks(ds, tok, tmp / tok.filename, splitter, dtype, workers):
+                for writer, part in zip(writers, ids):
+                    writer.write(part)
+                progress.update(nbytes)
+                done += nbytes
+        seconds = time.perf_counter() - started
+        print(f"tokenized {done / 1e6:,.1f} MB of text in {seconds:.1f} s = {done / 1e6 / seconds:.2f} MB/s "
+              f"({workers} worker{'s' * (workers > 1)})", file=sys.stderr)
+        for split, writer in zip(SPLITS, writers):
             writer.close()
             meta.add_split(split, writer)
         meta.check_usable(source)
@@ -256,24 +378,42 @@ def prepare(ds, output, tokenizer="bpe", vocab_size=8192, val_fraction=0.02, wor
     return meta.data
 
 
+def byte_size(text):
+    """A size such as 1G, 256M, 64K or 1000000 (bytes; K, M, G, T are powers of 1024)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is no size: write e.g. 1G, 256M or 1000000")
+    return int(match[1]) * 1024 ** " KMGT".index(match[2] or " ")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", required=True, help="file, folder, glob, saved dataset or dataset name")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--input", required=True,
+                    help="text file, folder or glob (one document per file), JSONL or Parquet (one per row), a "
+                         "folder written by datasets' save_to_disk, or a dataset name for datasets.load_dataset")
     ap.add_argument("--output", required=True, help="new (or empty) directory to write")
     ap.add_argument("--tokenizer", default="bpe",
                     help="bpe or sentencepiece (trained here), bytes (the 256 byte values + end-of-text, nothing "
                          "trained), or a tokenizer.json / .model / tokenizer.bytes.json to reuse")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of a trained tokenizer (bpe, sentencepiece)")
+    ap.add_argument("--tokenizer-sample-bytes", type=byte_size, default=SAMPLE_BYTES, metavar="SIZE",
+                    help="train the tokenizer on the first SIZE bytes of the input (e.g. 256M, 4G); the whole input "
+                         "when smaller")
     ap.add_argument("--text-column", default="text", help="column of JSONL/Parquet/dataset inputs")
     ap.add_argument("--val-fraction", type=float, default=0.02,
-                    help="share of documents held out (by content hash); with too few documents for that, the "
-                         "last share of every document")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
-    ap.add_argument("--streaming", action="store_true", help="stream the input instead of caching it as Arrow")
+                    help="share of documents held out (by content hash); with too few documents for that, evenly "
+                         "spaced blocks of every document")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="tokenizing processes (1 = in this process); the output is byte-identical for any number")
+    ap.add_argument("--streaming", action="store_true",
+                    help="for a dataset name: stream it instead of downloading and caching it first (local files "
+                         "are always read as a stream)")
     args = ap.parse_args(argv)
     try:
         ds = load_documents(args.input, args.text_column, args.streaming)
-        meta = prepare(ds, args.output, args.tokenizer, args.vocab_size, args.val_fraction, args.workers, args.input)
+        meta = prepare(ds, args.output, args.tokenizer, args.vocab_size, args.val_fraction, args.workers, args.input,
+                       args.tokenizer_sample_bytes)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

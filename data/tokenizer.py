@@ -1,12 +1,17 @@
 """The tokenizers Fathom trains or loads, behind one small interface.
 
 Every kind travels with the data (saved next to meta.json) and gives the same calls:
-encode_batch(texts) -> lists of ids, decode(ids) -> text, vocab_size, eot_id.
+encode_batch(texts) -> lists of ids, encode_documents(texts, dtype) -> one flat array with
+end-of-text after each text, decode(ids) -> text, vocab_size, eot_id. Trainers take an iterable
+of texts.
 """
 
 import io
+import itertools
 import json
 from pathlib import Path
+
+import numpy as np
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # byte-level BPE: 256 byte tokens + the end-of-text token
@@ -16,7 +21,20 @@ class TokenizerError(ValueError):
     """A tokenizer that cannot be trained or loaded, named with the fix."""
 
 
-class BPETokenizer:
+def end_each(flat, lengths, eot_id):
+    """`flat` (the concatenated ids of several texts of the given lengths) with end-of-text after each."""
+    return np.insert(flat, np.cumsum(lengths, dtype=np.int64), eot_id)
+
+
+class BaseTokenizer:
+    def encode_documents(self, texts, dtype):
+        ids = self.encode_batch(texts)
+        lengths = [len(i) for i in ids]
+        return end_each(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths)), lengths,
+                        self.eot_id)
+
+
+class BPETokenizer(BaseTokenizer):
     """Byte-level BPE from `tokenizers` (GPT-2 style): any text round-trips exactly."""
 
     kind = "bpe"
@@ -30,7 +48,7 @@ class BPETokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, batches, vocab_size):
+    def train(cls, texts, vocab_size):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if vocab_size < MIN_VOCAB:
@@ -40,7 +58,7 @@ class BPETokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(batches, trainer=trainer)
+        tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -59,7 +77,7 @@ class BPETokenizer:
         self.tok.save(str(Path(directory) / self.filename))
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(BaseTokenizer):
     """A SentencePiece unigram or BPE model with byte fallback; documents end with its </s>."""
 
     kind = "sentencepiece"
@@ -76,15 +94,14 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
 
     @classmethod
-    def train(cls, batches, vocab_size, model_type="unigram", seed=0):
+    def train(cls, texts, vocab_size, model_type="unigram", seed=0):
         import sentencepiece as spm
 
         # The trainer drops "sentences" longer than max_sentence_length, so feed it lines, and keep
         # whitespace and case as they are (code and prose both need them to round-trip).
         def lines():
-            for batch in batches:
-                for text in batch:
-                    yield from (line for line in text.splitlines() if line.strip())
+            for text in texts:
+                yield from (line for line in text.splitlines() if line.strip())
 
         spm.set_random_generator_seed(seed)
         model = io.BytesIO()
@@ -114,7 +131,7 @@ class SentencePieceTokenizer:
         (Path(directory) / self.filename).write_bytes(self.proto)
 
 
-class ByteTokenizer:
+class ByteTokenizer(BaseTokenizer):
     """The 256 byte values of UTF-8 plus end-of-text (id 256): nothing is trained.
 
     A byte-level LM at d_model 64 learns in minutes on a CPU (a 257-entry vocabulary leaves the
@@ -128,7 +145,7 @@ class ByteTokenizer:
     MARKER = {"fathom_tokenizer": "bytes", "eot_id": 256}
 
     @classmethod
-    def train(cls, batches, vocab_size):
+    def train(cls, texts, vocab_size):
         return cls()
 
     @classmethod
@@ -139,6 +156,11 @@ class ByteTokenizer:
 
     def encode_batch(self, texts):
         return [list(t.encode("utf-8", "replace")) for t in texts]
+
+    def encode_documents(self, texts, dtype):
+        # no Python int per byte: tens of times faster than the generic path
+        raw = [t.encode("utf-8", "replace") for t in texts]
+        return end_each(np.frombuffer(b"".join(raw), dtype=np.uint8).astype(dtype), [len(r) for r in raw], self.eot_id)
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
