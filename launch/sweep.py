@@ -85,17 +85,18 @@ def train_command(args, cell):
 
 
 def is_stale(args, cell):
-    """A finished cell whose recorded config is not what the cell resolves to now."""
+    """A finished cell whose recorded config is not what the cell resolves to now. The run directory
+    itself does not count: a cell copied from another sweep's output is the same experiment."""
+    from omegaconf import OmegaConf
+
     from configs import to_yaml
 
     recorded = RunDir(cell_dir(args.output, cell)).config
     if not recorded.is_file():
         return False
     cfg = load_config(*cell_config(args, cell))
-    cfg.train.out_dir = str(cell_dir(args.output, cell))
-    from omegaconf import OmegaConf
-
     saved = OmegaConf.load(recorded)
+    cfg.train.out_dir = saved.train.out_dir
     cfg.model.vocab_size = saved.model.vocab_size  # set from the data by train.py
     return OmegaConf.to_yaml(saved) != to_yaml(cfg)
 
