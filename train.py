@@ -231,8 +231,9 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     if resume:
         checkpointer.load(resume)
         start_step, samples_seen = resume.step, resume.marker["samples_seen"]
-    batches = TrainBatches(data_path, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
-    val_batches = ValBatches(data_path, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
+    sources = meta.get("mix", data_path)  # a directory, or data.mix's directories and weights
+    batches = TrainBatches(sources, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
+    val_batches = ValBatches(sources, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
     tokens_per_step = batches.global_batch * t.seq_len
     model_flops = flops_per_token(cfg.model, t.seq_len, tokens_per_step)
     peak = peak_tflops(torch.cuda.get_device_name(device) if cuda else "", t.peak_tflops)
@@ -251,7 +252,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                   "data")
     monitor = None
     if cfg.monitor.every:
-        probe = ValBatches(data_path, t.seq_len, cfg.monitor.batch, 1, 1, 0)
+        probe = ValBatches(sources, t.seq_len, cfg.monitor.batch, 1, 1, 0)
         probe_tokens = next(probe.batches(device))[0]
         monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, run_dir.path, log, start_step)
         if start_step == 0:
@@ -285,6 +286,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         else:
             bad_in_a_row = 0
         samples_seen += batches.global_batch
+        for line in batches.epochs_begun(samples_seen - batches.global_batch, samples_seen):
+            log.info(line)
         if monitoring:
             monitor.record(done)
         if logging_step:
@@ -297,7 +300,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens_per_s, "model_flops_per_token": model_flops, "tflops_per_rank": tflops,
                       **({"mfu": tflops / peak} if peak else {}),
-                      "samples": samples_seen, "peak_memory_mb": peak_memory_mb()}
+                      "samples": samples_seen, **batches.mix_record(samples_seen), "peak_memory_mb": peak_memory_mb()}
             log.write(record, "train")
             deepest = {"deep_cos": monitor.deepest_cos} if monitor and monitor.deepest_cos is not None else {}
             log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"], **deepest)

@@ -7,6 +7,7 @@ what is allowed); `configs.load` turns a violation into one line naming the key.
 """
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -174,6 +175,11 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     path: str = opt("", "directory written by `python -m data.prepare`; empty = the built-in stdlib corpus")
+    mix: list = opt((), "directories written by `python -m data.prepare` with one tokenizer, mixed by relative weight, "
+                    "e.g. [{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}] (data.path empty)",
+                    check=(lambda v: all(isinstance(s, Mapping) and set(s) == {"path", "weight"} and isinstance(s["path"], str)
+                                         and s["path"] and type(s["weight"]) in (int, float) and s["weight"] > 0 for s in v),
+                           "a list of {path: DIR, weight: W} with W > 0"))
     cache_dir: str = opt("~/.cache/fathom", "where the built-in corpus is prepared once and reused")
     tokenizer: str = opt("bpe", "tokenizer of the built-in corpus: bpe (trained, data.vocab_size) or bytes (256 byte values "
                          "+ end-of-text)", choices=("bpe", "bytes"))

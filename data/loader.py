@@ -7,8 +7,14 @@ batch (n = s·G at step s while G is fixed); micro-step m on data-parallel rank 
 batch at slot m·W + r. So 2 ranks × micro b and 1 rank × accum 2 × micro b see the same samples per
 step, and the loader's whole state is n, the number of samples consumed: a resumed run, on any
 number of ranks, continues the same sequence with no sample skipped or repeated.
+
+A mixture (data.mix: prepared directories with weights) keeps that state: global sample n goes to a
+source by a fixed, exact-share interleaving of n alone (Mixture), and source i's k-th sample is
+position k of its own (seed, epoch) permutation, k being how many samples it gave before n, also a
+function of n. A source that runs out starts its next epoch while the others go on.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +47,19 @@ class TokenShards:
 
 
 class SampleOrder:
-    """Global sample g -> window id: epoch g // N, position g % N of the (seed, epoch) permutation."""
+    """Sample k -> window id: epoch k // N, position k % N of the (seed, epoch) permutation."""
 
-    def __init__(self, num_windows, seed):
-        self.num_windows, self.seed = num_windows, seed
+    def __init__(self, num_windows, seed, stream=0):
+        self.num_windows, self.seed, self.stream = num_windows, seed, stream
         self._epoch, self._perm = None, None
 
     def permutation(self, epoch):
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            # stream 0 keeps a single directory's key, so a mixture's first source orders its windows as
+            # data.path would; the other sources get permutations of their own
+            key = [self.seed, epoch] + ([self.stream] if self.stream else [])
+            self._perm = np.random.default_rng(key).permutation(self.num_windows)
         return self._perm
 
     def __call__(self, samples):
@@ -62,6 +71,47 @@ class SampleOrder:
         return out
 
 
+class Mixture:
+    """Global sample n -> (source, how many samples that source gave before n), from n alone.
+
+    Source 0 has the share q_0 / Q of the first n samples, rounded: C_0(n) = round(n q_0 / Q); the
+    rest, R = n - C_0(n), are shared among the other sources the same way, and so on. Each count
+    grows by 0 or 1 per sample, so sample n belongs to the one source whose count grows at n + 1, and
+    every prefix holds each source's share to within one sample per source: an exact-share
+    interleaving that needs no state. Weights are kept as integers (millionths) so that the
+    arithmetic is exact for any sample index."""
+
+    SCALE = 10**6
+
+    def __init__(self, weights):
+        total = sum(weights)
+        self.shares = np.array([max(1, round(w / total * self.SCALE)) for w in weights], dtype=np.int64)
+        self.rest = np.cumsum(self.shares[::-1])[::-1]  # the shares of this source and the ones after it
+
+    def counts(self, samples):
+        """[K, len(samples)]: how many of the global samples before each of `samples` every source gave."""
+        left = np.asarray(samples, dtype=np.int64)
+        out = np.empty((len(self.shares), left.size), dtype=np.int64)
+        for i, (share, rest) in enumerate(zip(self.shares[:-1], self.rest[:-1])):
+            out[i] = (left * share + rest // 2) // rest
+            left = left - out[i]
+        out[-1] = left
+        return out
+
+    def __call__(self, samples):
+        """(source, index within that source) of each global sample."""
+        before, after = self.counts(samples), self.counts(np.asarray(samples) + 1)
+        source = np.argmax(after > before, axis=0)
+        return source, before[source, np.arange(len(source))]
+
+
+def weighted_sources(data):
+    """[(directory, weight)] of a data directory, or of a mixture: a list of {"path", "weight"}."""
+    if isinstance(data, (str, os.PathLike)):
+        return [(Path(data), 1.0)]
+    return [(Path(s["path"]), float(s["weight"])) for s in data]
+
+
 def to_tensors(windows, device):
     t = torch.from_numpy(windows)
     return t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True)
@@ -69,13 +119,18 @@ def to_tensors(windows, device):
 
 class TrainBatches:
     """micro_batch_at(first_sample, micro) -> (inputs, targets) of this rank for the step that
-    starts at global sample `first_sample`."""
+    starts at global sample `first_sample`. `data` is a prepared directory or a mixture (see
+    weighted_sources)."""
 
-    def __init__(self, path, seq_len, micro_batch, grad_accum, world_size, rank, seed):
-        self.data = TokenShards(path, "train", seq_len)
-        if self.data.num_windows == 0:
-            raise ValueError(f"{path}: the train split is shorter than one sequence of {seq_len + 1} tokens")
-        self.order = SampleOrder(self.data.num_windows, seed)
+    def __init__(self, data, seq_len, micro_batch, grad_accum, world_size, rank, seed):
+        sources = weighted_sources(data)
+        self.names = [str(path) for path, _ in sources]
+        self.sources = [TokenShards(path, "train", seq_len) for path, _ in sources]
+        for path, shards in zip(self.names, self.sources):
+            if shards.num_windows == 0:
+                raise ValueError(f"{path}: the train split is shorter than one sequence of {seq_len + 1} tokens")
+        self.mixture = Mixture([w for _, w in sources])
+        self.orders = [SampleOrder(shards.num_windows, seed, i) for i, shards in enumerate(self.sources)]
         self.micro_batch, self.grad_accum, self.world_size, self.rank = micro_batch, grad_accum, world_size, rank
         self.global_batch = micro_batch * grad_accum * world_size
 
@@ -84,20 +139,66 @@ class TrainBatches:
         start = first_sample + slot * self.micro_batch
         return np.arange(start, start + self.micro_batch, dtype=np.int64)
 
+    def windows(self, samples):
+        """Token windows of global samples, each read from its source at its place in that source's order."""
+        source, index = self.mixture(samples)
+        out = np.empty((len(samples), self.sources[0].seq_len + 1), dtype=np.int64)
+        for i in np.unique(source):
+            sel = source == i
+            out[sel] = self.sources[i].windows(self.orders[i](index[sel]))
+        return out
+
     def micro_batch_at(self, first_sample, micro, device="cpu"):
-        return to_tensors(self.data.windows(self.order(self.sample_ids(first_sample, micro))), device)
+        return to_tensors(self.windows(self.sample_ids(first_sample, micro)), device)
+
+    def mix_record(self, samples):
+        """For metrics.jsonl: how many of the first `samples` global samples each source gave (mixtures only)."""
+        if len(self.sources) == 1:
+            return {}
+        return {"source_samples": dict(zip(self.names, self.mixture.counts([samples])[:, 0].tolist()))}
+
+    def epochs_begun(self, before, after):
+        """A line for each source that ran out and began a new epoch between global samples `before` and `after`."""
+        counts = self.mixture.counts([before, after])
+        lines = []
+        for name, shards, (was, now) in zip(self.names, self.sources, counts):
+            for epoch in range(was // shards.num_windows + 1, now // shards.num_windows + 1):
+                lines.append(f"data: {name} gave all its {shards.num_windows:,} windows; epoch {epoch} of it begins "
+                             f"(its sample {epoch * shards.num_windows:,})")
+        return lines
+
+
+class MixedWindows:
+    """The first windows of each source's split side by side, as many of each as its weight asks
+    (within what it holds): window ids 0..num_windows-1 across all of them."""
+
+    def __init__(self, data, split, seq_len, wanted):
+        sources = weighted_sources(data)
+        self.parts = [TokenShards(path, split, seq_len) for path, _ in sources]
+        shares = Mixture([w for _, w in sources]).counts([wanted])[:, 0]
+        self.counts = np.minimum(shares, [part.num_windows for part in self.parts])
+        self.first = np.concatenate([[0], np.cumsum(self.counts)])
+        self.num_windows = int(self.first[-1])
+
+    def windows(self, ids):
+        part = np.searchsorted(self.first, ids, side="right") - 1
+        out = np.empty((len(ids), self.parts[0].seq_len + 1), dtype=np.int64)
+        for i in np.unique(part):
+            sel = part == i
+            out[sel] = self.parts[i].windows(ids[sel] - self.first[i])
+        return out
 
 
 class ValBatches:
-    """The first eval_batches × micro_batch windows of the val split in file order, dealt
-    round-robin to the ranks: the same sequences whatever the world size, so validation losses
-    (summed over ranks) compare across runs."""
+    """The first eval_batches × micro_batch windows of the val split in file order (of a mixture:
+    of each source's, shared by weight), dealt round-robin to the ranks: the same sequences whatever
+    the world size, so validation losses (summed over ranks) compare across runs."""
 
-    def __init__(self, path, seq_len, micro_batch, num_batches, world_size, rank):
-        self.data = TokenShards(path, "val", seq_len)
-        self.num_windows = min(num_batches * micro_batch, self.data.num_windows)
+    def __init__(self, data, seq_len, micro_batch, num_batches, world_size, rank):
+        self.data = MixedWindows(data, "val", seq_len, num_batches * micro_batch)
+        self.num_windows = self.data.num_windows
         if self.num_windows == 0:
-            raise ValueError(f"{path}: the val split is shorter than one sequence of {seq_len + 1} tokens")
+            raise ValueError(f"{data}: the val split is shorter than one sequence of {seq_len + 1} tokens")
         self.micro_batch, self.world_size, self.rank = micro_batch, world_size, rank
 
     def __iter__(self):

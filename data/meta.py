@@ -40,7 +40,7 @@ class MetaFile:
         documents = int(writer.counts[self.data["eot_id"]])
         self.data["splits"][split] = {"tokens": int(writer.tokens), "documents": documents, "shards": writer.names}
         if split == "train":
-            self.data["unigram_entropy"] = writer.unigram_entropy()
+            self.data["unigram_entropy"] = unigram_entropy(writer.counts)
             # what model.head_bias=log_unigram starts the output bias from
             self.data["train_token_counts"] = writer.counts.tolist()
 
@@ -100,6 +100,14 @@ def check_vocabulary(path, meta, shards, fix, sample=1 << 22):
                             f"vocabulary of {vocab}: the shards and tokenizer do not belong together; {fix}")
 
 
+def unigram_entropy(counts):
+    """Entropy in nats of token frequencies (counts or probabilities): the loss of a model that ignores context."""
+    import numpy as np
+
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def train_token_counts(path, meta, chunk=1 << 26):
     """How often each token id occurs in the train split: from meta.json, or counted from the shards
     for directories prepared before meta.json recorded it."""
@@ -117,5 +125,33 @@ def train_token_counts(path, meta, chunk=1 << 26):
 
 def data_fingerprint(meta):
     """What fixes the data order besides train.seed and train.seq_len: the tokenizer and every split's
-    tokens and shards. Not the source path, so a moved or identically re-prepared directory keeps it."""
-    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "source"}, sort_keys=True).encode()).hexdigest()
+    tokens and shards (of a mixture: each source's fingerprint and weight). Not the paths, so a moved
+    or identically re-prepared directory keeps it."""
+    kept = {k: v for k, v in meta.items() if k != "source"}
+    if "mix" in meta:
+        kept["mix"] = [{k: v for k, v in s.items() if k != "path"} for s in meta["mix"]]
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def mixture_meta(sources):
+    """What train.py reads from meta.json, for a mixture of prepared directories [(path, weight, meta)]
+    with one tokenizer: the tokenizer, and the token statistics of the mixture (each source's train
+    token frequencies weighted by its share of the samples; a sample has the same length everywhere)."""
+    import numpy as np
+
+    total = sum(w for _, w, _ in sources)
+    frequencies = sum(w / total * counts / counts.sum() for counts, w in
+                      ((train_token_counts(path, meta), w) for path, w, meta in sources))
+    tokens = sum(meta["splits"]["train"]["tokens"] for _, _, meta in sources)
+    first = sources[0][2]
+    return {
+        "format": FORMAT,
+        "source": " + ".join(f"{w:g} x {path}" for path, w, _ in sources),
+        "tokenizer": first["tokenizer"],
+        "eot_id": first["eot_id"],
+        "dtype": first["dtype"],
+        "unigram_entropy": unigram_entropy(frequencies),
+        # as if the mixture's tokens had been counted: what model.head_bias=log_unigram starts from
+        "train_token_counts": np.rint(frequencies * tokens).astype(np.int64).tolist(),
+        "mix": [{"path": str(path), "weight": w, "fingerprint": data_fingerprint(meta)} for path, w, meta in sources],
+    }

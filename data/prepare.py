@@ -239,19 +239,14 @@ class ShardWriter:
             self.file.close()
             self.file = None
 
-    def unigram_entropy(self):
-        """Entropy in nats of the token frequencies: the loss of a model that ignores context."""
-        p = self.counts[self.counts > 0] / max(1, self.counts.sum())
-        return float(-(p * np.log(p)).sum())
 
-
-def chunks(ds, size=CHUNK_BYTES):
-    """The documents of ds in input order, grouped into lists of about `size` characters."""
+def chunks(ds):
+    """The documents of ds in input order, grouped into lists of about CHUNK_BYTES characters."""
     chunk, held = [], 0
     for text in documents(ds):
         chunk.append(text)
         held += len(text)
-        if held >= size:
+        if held >= CHUNK_BYTES:
             yield chunk
             chunk, held = [], 0
     if chunk:
@@ -386,7 +381,7 @@ def byte_size(text):
     return int(match[1]) * 1024 ** " KMGT".index(match[2] or " ")
 
 
-def main(argv=None):
+def argument_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", required=True,
@@ -409,7 +404,14 @@ def main(argv=None):
     ap.add_argument("--streaming", action="store_true",
                     help="for a dataset name: stream it instead of downloading and caching it first (local files "
                          "are always read as a stream)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = argument_parser().parse_args(argv)
+    # datasets' streaming datasets import torch (seconds, hundreds of MB) when it is installed, only to
+    # share an epoch counter with torch DataLoader workers, which data.prepare does not use
+    os.environ.setdefault("USE_TORCH", "0")
     try:
         ds = load_documents(args.input, args.text_column, args.streaming)
         meta = prepare(ds, args.output, args.tokenizer, args.vocab_size, args.val_fraction, args.workers, args.input,

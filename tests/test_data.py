@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.loader import SampleOrder, TrainBatches
+from data.loader import SampleOrder
 from data.meta import DataError, read_prepared
 from data.prepare import load_documents, prepare
 from tests.conftest import run_cli
@@ -132,25 +132,6 @@ def test_sample_order_is_a_permutation_per_epoch_from_the_seed():
     assert not np.array_equal(first, second)
     assert np.array_equal(SampleOrder(10, seed=3)(np.arange(5, 15)), np.concatenate([first[5:], second[:5]]))
     assert not np.array_equal(SampleOrder(10, seed=4)(np.arange(10)), first)
-
-
-def test_ranks_split_the_global_batch_and_a_resume_continues_it(tiny_data):
-    def loader(world, rank, accum):
-        return TrainBatches(tiny_data, 16, micro_batch=4, grad_accum=accum, world_size=world, rank=rank, seed=7)
-
-    one = loader(1, 0, accum=2)
-    r0, r1 = loader(2, 0, accum=1), loader(2, 1, accum=1)
-    G = one.global_batch
-    assert G == r0.global_batch == 8
-    for step in (0, 1, 57):
-        x1 = np.concatenate([one.micro_batch_at(step * G, m)[0].numpy() for m in range(2)])
-        a, b = r0.micro_batch_at(step * G, 0)[0].numpy(), r1.micro_batch_at(step * G, 0)[0].numpy()
-        assert np.array_equal(np.concatenate([a, b]), x1)  # union of the ranks = the 1-rank step
-        assert set(map(tuple, a)).isdisjoint(map(tuple, b))
-    # the loader's state is the samples consumed: a fresh loader continues exactly, whatever its world size
-    assert np.array_equal(loader(1, 0, 2).micro_batch_at(57 * G, 1)[0], one.micro_batch_at(57 * G, 1)[0])
-    x, y = one.micro_batch_at(3 * G, 0)
-    assert np.array_equal(x[:, 1:], y[:, :-1])
 
 
 # ---- byte tokenizer and corpora with too few documents ----------------------------------------
