@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data.prepare
 from data.loader import SampleOrder
 from data.meta import DataError, read_prepared
 from data.prepare import load_documents, prepare
@@ -55,23 +56,95 @@ def test_every_input_kind_gives_the_same_tokens(sources, tmp_path, src, column):
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(list((sources / "txt").iterdir()))
 
 
-@pytest.mark.parametrize("tokenizer", ["bpe", "sentencepiece"])
-def test_prepare_is_byte_identical_and_round_trips(sources, tmp_path, tokenizer):
+def assert_same_files(a, b):
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+# a saved dataset is read from its Arrow cache, JSONL as a stream
+@pytest.mark.parametrize("tokenizer,src", [("bpe", "saved"), ("sentencepiece", "docs.jsonl")])
+def test_prepare_is_byte_identical_and_round_trips(sources, tmp_path, monkeypatch, tokenizer, src):
     from data.tokenizer import tokenizer_from_meta
 
+    monkeypatch.setattr(data.prepare, "CHUNK_BYTES", 20_000)  # a few dozen chunks, several in flight per worker
     outs = []
     for k, workers in enumerate((1, 2)):
         outs.append(tmp_path / f"out{k}")
-        prepare(load_documents(str(sources / "docs.jsonl"), "content"), outs[-1], tokenizer, 600, 0.2, workers)
-    files = sorted(p.name for p in outs[0].iterdir())
-    assert files == sorted(p.name for p in outs[1].iterdir())
-    for name in files:
-        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+        prepare(load_documents(str(sources / src), "content"), outs[-1], tokenizer, 600, 0.2, workers)
+    assert_same_files(*outs)
     meta = read_prepared(outs[0])
     tok = tokenizer_from_meta(outs[0], meta)
     tokens = np.fromfile(outs[0] / "val_0000.bin", dtype=meta["dtype"])
     first_doc = tokens[: int(np.argmax(tokens == meta["eot_id"]))]
     assert "def " in tok.decode(first_doc) or "import" in tok.decode(first_doc)
+
+
+def test_hidden_files_are_not_read_and_streaming_output_is_byte_identical_for_any_workers(tmp_path, monkeypatch):
+    from data.prepare import input_files
+    from data.tokenizer import tokenizer_from_meta
+
+    monkeypatch.setattr(data.prepare, "CHUNK_BYTES", 4_000)
+    corpus = tmp_path / "corpus"
+    visible = []
+    for i in range(60):
+        visible.append(corpus / ("sub" if i % 2 else "") / f"doc{i:02d}.txt")
+        visible[-1].parent.mkdir(parents=True, exist_ok=True)
+        visible[-1].write_text(f"document {i}: " + "".join(f"line {j} of {i}\n" for j in range(40 + i)))
+    for hidden in (".git/objects/ab/cdef0123", ".git/HEAD", ".notes.txt", "sub/.cache/x.txt"):
+        (corpus / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / hidden).write_text("HIDDEN-SECRET " * 50)
+    assert input_files(str(corpus)) == sorted(map(str, visible))
+    assert input_files(str(corpus / "**" / "*")) == sorted(map(str, visible))
+    outs = []
+    for workers in (1, 2):
+        outs.append(tmp_path / f"out{workers}")
+        prepare(load_documents(str(corpus)), outs[-1], "bpe", 300, 0.2, workers)
+    assert_same_files(*outs)
+    meta = read_prepared(outs[0])
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(visible)
+    tok = tokenizer_from_meta(outs[0], meta)
+    text = "".join(tok.decode(np.fromfile(outs[0] / f"{split}_0000.bin", dtype=meta["dtype"])) for split in ("train", "val"))
+    assert "document 59:" in text and "HIDDEN" not in text
+
+
+def test_the_tokenizer_learns_from_the_head_of_the_input_only(tmp_path):
+    """--tokenizer-sample-bytes bounds what the tokenizer is trained on; every document is still tokenized."""
+    from data.tokenizer import tokenizer_from_meta
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # documents in file order: 20 of one kind of text, then 20 of another
+        word = "abracadabra" if i < 20 else "zyzzyva"
+        (corpus / f"{i:02d}.txt").write_text(f"{word} {i} " * 200)
+    head_bytes = sum(len((corpus / f"{i:02d}.txt").read_bytes()) for i in range(20))
+    run_cli("-m", "data.prepare", "--input", str(corpus), "--output", str(tmp_path / "out"), "--vocab-size", "300",
+            "--tokenizer-sample-bytes", str(head_bytes), "--workers", "1")
+    meta = read_prepared(tmp_path / "out")
+    vocab = tokenizer_from_meta(tmp_path / "out", meta).tok.get_vocab()
+    assert any("abracadabra" in token for token in vocab) and not any("zyzz" in token for token in vocab)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+
+
+def test_a_corpus_larger_than_the_free_disk_stops_before_writing(sources, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from data.prepare import main
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(SystemExit) as stop:
+        main(["--input", str(sources / "txt"), "--output", str(tmp_path / "out"), "--tokenizer", "bytes"])
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(errors) == 1 and errors[0].startswith("error: output ")
+    assert "GB free: free space or choose an --output on a larger disk" in errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_flag_has_help():
+    from data.prepare import argument_parser
+
+    assert all(action.help for action in argument_parser()._actions)
 
 
 def test_existing_tokenizer_is_reused(sources, tmp_path):
@@ -161,8 +234,7 @@ def test_a_single_file_gets_a_deterministic_validation_split(tmp_path):
                 "--tokenizer", "bytes", "--workers", str(k + 1))
     meta = read_prepared(outs[0])
     assert meta["val_split"] == "blocks" and meta["splits"]["val"]["tokens"] > 0
-    for name in sorted(p.name for p in outs[0].iterdir()):
-        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert_same_files(*outs)
     # the val share is the requested one, and train and val pieces together are the whole book
     split = BlockSplit(0.02)
     train, val = split.pieces(book, "train"), split.pieces(book, "val")
