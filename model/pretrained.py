@@ -38,7 +38,7 @@ def run_config(marker):
 
 
 def consolidated_state_dict(path, marker):
-    """The fp32 weights of a checkpoint: for bf16/fp16, the optimizer's fp32 master copy, not the rounded module."""
+    """The fp32 weights of a checkpoint: for bf16, the optimizer's fp32 master copy, not the rounded module."""
     if marker["zero_stage"] == 0:
         states = load_safely(path / "mp_rank_00_model_states.pt")
         weights = {k: v.float() for k, v in states["module"].items()}
@@ -51,7 +51,7 @@ def consolidated_state_dict(path, marker):
 
 
 def master_weights(states, marker):
-    """{name: fp32 master weight} of a ZeRO-0 bf16/fp16 checkpoint. DeepSpeed saves them per optimizer
+    """{name: fp32 master weight} of a ZeRO-0 bf16 checkpoint. DeepSpeed saves them per optimizer
     group without names; train.param_groups puts the trained matrices first, then the other trained
     parameters, each in module order. Each master must round to the saved module weight."""
     import torch
