@@ -74,3 +74,19 @@ def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
                    f"data.path={tiny_data}", check=False, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --jobs 3: CUDA_VISIBLE_DEVICES=0,1 lists only 2 GPUs; use --jobs 2 or list more GPUs")
+
+
+def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["launch/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "1,2",
+            "--output", str(out), *COMMON, f"data.path={tiny_data}", "monitor.every=3"]
+    run_cli(*args)
+    table = rows(out)
+    assert sorted((r["method"], r["seed"]) for r in table) == [("vanilla+model.head_bias=none", "1"),
+                                                               ("vanilla+model.head_bias=none", "2")]
+    assert all(r["init"] == "preset" and r["unigram_entropy"] and r["stable_rank_end"] for r in table)
+    saved = (out / "vanilla+model.head_bias=none-L1-s2" / "config.yaml").read_text()
+    assert "head_bias: none" in saved and "seed: 2" in saved
+    # the same cells with another setting are other experiments: rerun from scratch, not skipped
+    again = run_cli(*args, "train.lr=1e-3")
+    assert again.stderr.count("its config changed since it ran; rerunning from scratch") == 2
