@@ -168,6 +168,23 @@ def test_lm_eval_scores_the_repository_task_as_fathom_does(exports, monkeypatch)
     assert results["results"]["python_continuation"]["acc,none"] == pytest.approx(correct / len(docs))
 
 
+def test_a_new_transformers_model_keeps_the_methods_init():
+    """transformers re-initializes a new model's Linear/Embedding/LayerNorm weights by its own rule unless
+    the model says otherwise: DeepNorm's beta and shaped attention's zero W_Q would be lost."""
+    import dataclasses
+
+    from model.hf.configuration_fathom import FathomHFConfig
+    from model.hf.modeling_fathom import FathomForCausalLM
+
+    for preset in ("deepnorm", "shaped"):
+        cfg = load_config([f"configs/methods/{preset}.yaml"], TINY_MODEL).model
+        torch.manual_seed(0)
+        fathom = Transformer(cfg)
+        torch.manual_seed(0)
+        hf = FathomForCausalLM(FathomHFConfig(**dataclasses.asdict(cfg)))
+        assert all(torch.equal(p, q) for p, q in zip(fathom.parameters(), hf.parameters()))
+
+
 def test_export_into_a_folder_in_use_is_one_line(exports, capsys):
     folder = next(iter(exports[0]))
     with pytest.raises(SystemExit) as stop:
