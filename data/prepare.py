@@ -42,7 +42,7 @@ from data.tokenizer import KINDS, TokenizerError, load_tokenizer
 
 SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard: shards are memory-mapped, the size only bounds file count
 SPLITS = ("train", "val")
-SAMPLE_BYTES = 1 << 30  # default --tokenizer-sample-bytes: BPE merges settle long before; memory grows with it
+SAMPLE_BYTES = 1 << 30  # default --tokenizer-sample-bytes: ample for a vocabulary's statistics; training time grows with it
 CHUNK_BYTES = 1 << 20  # text per unit of work: large enough to amortize sending it to a worker, small enough to bound memory
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # anything else is read as text
 
@@ -101,9 +101,9 @@ class BlockSplit(DocumentSplit):
         return [text[a:b] for a, b in zip(edges[::2], edges[1::2]) if b > a]
 
 
-def documents(ds, batch=256):
+def documents(ds):
     """The non-empty texts of ds, in input order."""
-    for rows in ds.iter(batch_size=batch):
+    for rows in ds.iter(batch_size=256):
         yield from (text for text in rows["text"] if text)
 
 
@@ -321,8 +321,8 @@ def check_disk_space(ds, tok, directory, dtype, output):
     per_byte = len(tok.encode_documents(sample, dtype)) / sum(len(text.encode("utf-8", "replace")) for text in sample)
     need, free = size * per_byte * np.dtype(dtype).itemsize, shutil.disk_usage(directory).free
     if need > free:
-        raise DataError(f"output {str(output)!r} needs about {need / 1e9:.1f} GB ({size / 1e9:.1f} GB of text, "
-                        f"{per_byte:.2f} tokens per byte of {np.dtype(dtype).itemsize} bytes each) and its disk has "
+        raise DataError(f"output {str(output)!r} needs about {need / 1e9:.1f} GB ({size / 1e9:.1f} GB of text at "
+                        f"{per_byte:.2f} tokens per byte, {np.dtype(dtype).itemsize} bytes per token) and its disk has "
                         f"{free / 1e9:.1f} GB free: free space or choose an --output on a larger disk")
 
 
