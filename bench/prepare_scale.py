@@ -46,6 +46,8 @@ def generate(directory, size, seed=0):
     written, shard, out = 0, 0, None
     while written < size:
         if out is None or out.tell() >= SHARD_BYTES:
+            if out:
+                out.close()
             out = open(directory / f"part_{shard:05d}.jsonl", "w")
             shard += 1
         text = "".join(lines[i] for i in rng.integers(0, len(lines), int(rng.integers(20, 400))))
@@ -84,7 +86,7 @@ def main():
     ap.add_argument("--sizes", default="50M,1G", help="corpus sizes, e.g. 50M,1G")
     ap.add_argument("--tokenizers", default="bytes,bpe", help="comma-separated --tokenizer values")
     ap.add_argument("--workers", default="1,2", help="comma-separated --workers values")
-    ap.add_argument("--work", help="where corpora and outputs go (default: a temporary folder, deleted)")
+    ap.add_argument("--work", help="folder for a temporary working folder (corpora and outputs, deleted at the end)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         print(f"{os.cpu_count()} CPU cores")
