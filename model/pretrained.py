@@ -82,7 +82,7 @@ def load_run(run, tag=None, data=None):
     path, marker = run_checkpoint(run, tag)
     cfg = run_config(marker)
     if data:
-        cfg.data.path = str(data)
+        cfg.data.path, cfg.data.mix = str(data), []
     data_path, meta = resolve_data(cfg)
     if meta["tokenizer"]["hash"] != marker["tokenizer_hash"]:
         raise ConfigError(f"the tokenizer of {data_path} is not the one {path} was trained with: "
