@@ -24,7 +24,7 @@ BAD_INPUTS = [
     (["model.norm=sandwich"], "choose one of post, pre, deepnorm"),
     (["model.attention=linear"], "choose one of softmax, gapfree, shaped"),
     (["model.weights=lowrank"], "choose one of standard, spectral"),
-    (["model.init=kaiming"], "choose one of gpt2, fanin, xavier"),
+    (["model.init=kaiming"], "choose one of gpt2, normal, fanin, xavier"),
     (["model.surgery.site=everywhere"], "choose one of none, attn_out, residual, block"),
     (["model.surgery.tau=1.5"], "model.surgery.tau=1.5 is not allowed: it must be a number in [0, 1]"),
     (["model.surgery.site=residual", "model.surgery.tau=1.0"], "makes position 1 a constant after the LayerNorm"),
