@@ -58,11 +58,10 @@ def lr_factor(step, cfg):
 
 def param_groups(model, weight_decay):
     """Decay matrices only: norms, shaped gains and spectral eigenvalues are not pulled to 0."""
-    def matrix(p):  # a ZeRO-3 partition is flat: its full shape is ds_shape
-        return len(getattr(p, "ds_shape", p.shape)) >= 2
+    from model.init import full_shape
 
-    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
-    rest = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
+    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -161,6 +160,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     import deepspeed
     import torch
     import torch.distributed as dist
+    from omegaconf import OmegaConf
 
     from data.loader import TrainBatches, ValBatches
     from data.meta import train_token_counts
@@ -174,10 +174,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         first_nonfinite_layer,
     )
     from launch.preemption import REQUEUE, StopSignal, request_requeue
-    from launch.run_log import RunLog
-    from omegaconf import OmegaConf
-
     from launch.profiling import StepProfiler
+    from launch.run_log import RunLog
     from model import Transformer
     from model.flops import flops_per_token, peak_tflops
     from model.monitors import CollapseMonitor

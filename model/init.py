@@ -29,6 +29,11 @@ def base_init_(name, p, scheme, n_layers):
         nn.init.xavier_normal_(p)
 
 
+def full_shape(p):
+    """A parameter's shape, also when ZeRO-3 holds only a flat partition of it."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def full(p):
     """The whole parameter for the duration of the block (a ZeRO-3 partition is gathered, then
     re-partitioned with rank 0's values); a no-op otherwise."""
@@ -44,7 +49,7 @@ def init_weights(model, cfg):
     # Only matrices: norms, shaped gains and spectral eigenvalues keep their constructors' values.
     # The spectral basis is a matrix too, but its scale is irrelevant: only its Q factor is used.
     for name, p in model.named_parameters():
-        if len(getattr(p, "ds_shape", p.shape)) == 2:
+        if len(full_shape(p)) == 2:
             with full(p):
                 base_init_(name, p, cfg.init, cfg.n_layers)
     if model.lm_head.bias is not None:
