@@ -86,16 +86,22 @@ def train_command(args, cell):
 
 def is_stale(args, cell):
     """A finished cell whose recorded config is not what the cell resolves to now. The run directory
-    itself does not count: a cell copied from another sweep's output is the same experiment."""
+    itself does not count: a cell copied from another sweep's output is the same experiment. Nor
+    does a key added to the schema after the cell ran: it reads as its default, which is how every
+    new key keeps the behaviour from before it existed."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from configs import to_yaml
+    from configs import FathomConfig, to_yaml
 
     recorded = RunDir(cell_dir(args.output, cell)).config
     if not recorded.is_file():
         return False
     cfg = load_config(*cell_config(args, cell))
-    saved = OmegaConf.load(recorded)
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(FathomConfig), OmegaConf.load(recorded))
+    except OmegaConfBaseException:  # a key since removed or retyped: not the experiment this Fathom would run
+        return True
     cfg.train.out_dir = saved.train.out_dir
     cfg.model.vocab_size = saved.model.vocab_size  # set from the data by train.py
     return OmegaConf.to_yaml(saved) != to_yaml(cfg)

@@ -35,6 +35,9 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     assert {p.name for p in out.glob("*.png")} >= {"val_loss_vs_depth.png", "cos_sim_vs_depth.png"}
     assert {p.name for p in out.glob("cos_sim_heatmaps_L*.png")} == {"cos_sim_heatmaps_L1.png", "cos_sim_heatmaps_L2.png"}
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    # a cell recorded before a key existed is the same experiment when the key is at its default
+    older = out / "vanilla-L1-gpt2" / "config.yaml"
+    older.write_text(older.read_text().replace("  compile: false\n", ""))
     again = sweep(out, tiny_data)
     assert again.stderr.count("complete, skipped") == 4 and ": training" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
