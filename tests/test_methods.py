@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from configs import load_config
 from model import Transformer
-from model.attention import MIXERS, CausalSelfAttention, cumulative_mean
+from model.attention import MIXERS, CausalSelfAttention, cumsum_as_last_dim, cumulative_mean
 from model.metrics import t_sim
 from model.residual import SimilaritySurgery, Unchanged
 
@@ -56,6 +56,13 @@ def test_cumulative_mean_is_C_times_v():
     assert torch.allclose(C, softmax_matrix(torch.zeros(1, T, 2), torch.zeros(1, T, 2), 1.0)[0])
     v = torch.randn(3, T, 5)
     assert torch.allclose(cumulative_mean(v), C @ v, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 7, 5), -2), ((2, 3, 7, 4), 2), ((2, 3, 7, 4), 1)])
+def test_the_cuda_scan_layout_is_the_same_cumsum(shape, dim):
+    # cumulative_mean's CUDA path: the CPU has no CUDA, but the layout change is device-independent
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    assert torch.equal(cumsum_as_last_dim(x, dim, torch.float32), torch.cumsum(x, dim=dim, dtype=torch.float32))
 
 
 # ---- 1. equations: the SDPA path equals the explicit T×T formula ------------------------------
