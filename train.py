@@ -21,7 +21,7 @@ from data.meta import data_fingerprint
 from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, grad_accum_steps
-from launch.distributed import fill_launcher_env
+from launch.distributed import check_extension_build_locks, fill_launcher_env
 from launch.run_dir import RunDir, write_atomically
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -372,6 +372,7 @@ def main(argv=None):
     resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"], data_fingerprint(meta))
     if not resume:
         exit_on_error(check_fresh_start, cfg)
+    exit_on_error(check_extension_build_locks)
     raise SystemExit(train(cfg, data_path, meta, grad_accum, resume, started))
 
 

@@ -7,6 +7,8 @@ a bare `python` exports nothing, so we fill in a world of one.
 
 import os
 import socket
+import time
+from pathlib import Path
 
 
 def free_port():
@@ -29,8 +31,35 @@ def fill_launcher_env():
     if "MASTER_PORT" not in env:
         if env["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set: launch with deepspeed, torchrun or a SLURM script in launch/")
+        # a world of one meets through an in-process store (init_distributed), but DeepSpeed looks
+        # for MASTER_PORT and would go looking for MPI without it
         env["MASTER_PORT"] = str(free_port())
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+
+
+# a JIT build of DeepSpeed's ops takes 30 s to 2 min on a CPU; a lock this old has no build behind it
+STALE_BUILD_LOCK_MINUTES = 15
+
+
+def check_extension_build_locks():
+    """Stop on a torch-extension build lock that a killed build left behind.
+
+    DeepSpeed JIT-compiles C++ ops on first use (its CPU comm op on every CPU run, CPU Adam for
+    offload) into TORCH_EXTENSIONS_DIR under a `lock` file. A build killed half-way (Ctrl-C, a
+    job's time limit) leaves the file, and every later run waits on it forever without a word."""
+    from configs import ConfigError
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # with and without the pyXY_cu tag
+        try:
+            minutes = (time.time() - lock.stat().st_mtime) / 60
+        except FileNotFoundError:  # its build just finished
+            continue
+        if minutes > STALE_BUILD_LOCK_MINUTES:
+            raise ConfigError(f"{lock} is the lock of a torch extension build that never finished ({minutes:.0f} "
+                              f"minutes old): every run would wait on it forever. Delete it (rm {lock}) unless a "
+                              "build is still running")
 
 
 def init_distributed():
@@ -42,9 +71,17 @@ def init_distributed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if world_size == 1:
+        # A world of one has no one to meet: an in-process store instead of a TCP rendezvous on a
+        # port that was free a moment ago, which runs started side by side (a sweep's jobs) could
+        # race for. DeepSpeed adopts the group.
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)
     return rank, world_size, local_rank
 
 

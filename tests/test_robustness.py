@@ -2,7 +2,9 @@
 imported, leaving no files; and the non-finite guard skips bad steps and names the layer."""
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -136,3 +138,22 @@ def test_a_loss_spike_rolls_back_and_skips_its_batches(tiny_data, tmp_path, zero
     assert train[10]["samples"] == train[9]["samples"] + 24 + 8  # step 11 starts after the skipped batches
     assert max(r["loss"] for r in train) < 10  # the spiked update was never applied
     assert [r["step"] for r in read_jsonl(out / "monitors.jsonl")] == [0, 5, 10, 15, 20]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_named_not_waited_on(tiny_data, tmp_path):
+    # torch waits forever on a JIT build's lock file; a fresh one may be a build in progress
+    extensions = tmp_path / "torch_extensions"
+    old, fresh = extensions / "deepspeed_shm_comm" / "lock", extensions / "py311_cpu" / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    out = tmp_path / "run"
+    proc = run_cli("train.py", *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", check=False,
+                   env={"TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {old} is the lock of a torch extension build that never finished (60 minutes old): every run would "
+        f"wait on it forever. Delete it (rm {old}) unless a build is still running"]
+    assert not out.exists()
