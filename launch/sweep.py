@@ -268,41 +268,53 @@ def plot(output, rows):
         plt.close(fig)
 
 
+HEATMAP_METRICS = {"cos_sim": "token cosine", "stable_rank": "stable rank"}
+
+
 def heatmaps(output, rows):
-    """Per-layer cosine over training, one panel per cell: cos_sim_heatmaps_L<depth>.png for each
-    depth, where collapse during training shows as a layer band turning bright."""
+    """Per-layer cosine and stable rank over training, one panel per cell: <metric>_heatmaps_L<depth>.png
+    for each depth. Both, because tokens can collapse onto one line through the origin (stable rank
+    1) while their mean cosine stays low."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    from model.plot_monitors import draw_heatmap, metric_grid
+    from model.plot_monitors import FIXED_RANGES, draw_heatmap, metric_grid
 
     trained = [r for r in rows if r["status"] != "init only"]
-    for depth in sorted({r["depth"] for r in trained}):
+    for depth, (metric, label) in itertools.product(sorted({r["depth"] for r in trained}), HEATMAP_METRICS.items()):
         inits = list(dict.fromkeys(r["init"] for r in trained if r["depth"] == depth))
         methods = list(dict.fromkeys(r["method"] for r in trained if r["depth"] == depth))
-        fig, axes = plt.subplots(len(inits), len(methods), figsize=(1 + 2.4 * len(methods), 0.6 + 2.2 * len(inits)),
-                                 squeeze=False, sharex=True, sharey=True, layout="constrained")
-        image = None
+        panels = {}
         for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
             row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
-            cell = (method, depth, "" if init == "preset" else init, row.get("seed"))
-            history = read_jsonl(RunDir(cell_dir(output, cell)).monitors)
-            if not history:
-                axes[i][j].set_axis_off()
+            history = read_jsonl(RunDir(cell_dir(output, (method, depth, "" if init == "preset" else init,
+                                                          row.get("seed")))).monitors)
+            if history:
+                panels[i, j] = (f"{method}, {init}", *metric_grid(history, metric))
+        if not panels:
+            continue
+        # one colour bar for every panel: a range of the metric's own, else the panels' common one
+        grids = np.concatenate([grid.ravel() for _, grid, _ in panels.values()])
+        value_range = FIXED_RANGES.get(metric) or (np.nanmin(grids), np.nanmax(grids))
+        fig, axes = plt.subplots(len(inits), len(methods), figsize=(1 + 2.4 * len(methods), 0.6 + 2.2 * len(inits)),
+                                 squeeze=False, sharex=True, sharey=True, layout="constrained")
+        for (i, j), ax in np.ndenumerate(axes):
+            if (i, j) not in panels:
+                ax.set_axis_off()
                 continue
-            grid, steps = metric_grid(history, "cos_sim")
-            image = draw_heatmap(axes[i][j], grid, steps, "cos_sim")
-            axes[i][j].set_title(f"{method}, {init}", fontsize=9)
-        if image is not None:
-            for ax in axes[-1]:
-                ax.set_xlabel("step")
-            for ax in axes[:, 0]:
-                ax.set_ylabel("layer")
-            fig.colorbar(image, ax=axes, label="token cos_sim")
-            fig.suptitle(f"depth {depth}: per-layer token cosine over training")
-            fig.savefig(Path(output) / f"cos_sim_heatmaps_L{depth}.png", dpi=100)
+            title, grid, steps = panels[i, j]
+            image = draw_heatmap(ax, grid, steps, metric, value_range)
+            ax.set_title(title, fontsize=9)
+        for ax in axes[-1]:
+            ax.set_xlabel("step")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("layer")
+        fig.colorbar(image, ax=axes, label=label)
+        fig.suptitle(f"depth {depth}: per-layer {label} over training")
+        fig.savefig(Path(output) / f"{metric}_heatmaps_L{depth}.png", dpi=100)
         plt.close(fig)
 
 

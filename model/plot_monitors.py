@@ -14,6 +14,8 @@ from launch.run_dir import RunDir, read_jsonl
 DEFAULT_METRICS = "cos_sim,t_sim,stable_rank,rms,attn_sigma_ratio,grad_norm,update_ratio"
 # metrics with a natural range get a fixed colour scale, so that panels and steps compare
 FIXED_RANGES = {"cos_sim": (0, 1), "t_sim": (0, 1), "attn_sigma_ratio": (0, 1)}
+# a rank falls from ~d at init towards 1: on a linear scale 1.1 (collapsed) and 3 look alike
+LOG_SCALE = {"stable_rank", "stable_rank4"}
 
 
 def metric_grid(history, metric):
@@ -30,12 +32,16 @@ def metric_grid(history, metric):
     return grid, steps
 
 
-def draw_heatmap(ax, grid, steps, metric):
-    """A layer × step grid on ax (layer 0 at the bottom)."""
-    vmin, vmax = FIXED_RANGES.get(metric, (None, None))
+def draw_heatmap(ax, grid, steps, metric, value_range=None):
+    """A layer × step grid on ax (layer 0 at the bottom); panels that share a colour bar pass their
+    common value_range."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    vmin, vmax = value_range or FIXED_RANGES.get(metric, (None, None))
+    norm = (LogNorm if metric in LOG_SCALE else Normalize)(vmin, vmax)
     extent = (steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1, -0.5, grid.shape[0] - 0.5)
     return ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", extent=extent,
-                     vmin=vmin, vmax=vmax)
+                     norm=norm)
 
 
 def heatmap_figure(history, metric, title):

@@ -33,7 +33,8 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
                                                                ("vanilla", "2")]
     assert all(r["status"] == "ok" and float(r["final_val_loss"]) > 0 and r["cos_sim_init"] for r in table)
     assert {p.name for p in out.glob("*.png")} >= {"val_loss_vs_depth.png", "cos_sim_vs_depth.png"}
-    assert {p.name for p in out.glob("cos_sim_heatmaps_L*.png")} == {"cos_sim_heatmaps_L1.png", "cos_sim_heatmaps_L2.png"}
+    assert {p.name for p in out.glob("*_heatmaps_L*.png")} == {f"{metric}_heatmaps_L{depth}.png" for depth in (1, 2)
+                                                             for metric in ("cos_sim", "stable_rank")}
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     # a cell recorded before a key existed is the same experiment when the key is at its default
     older = out / "vanilla-L1-gpt2" / "config.yaml"
