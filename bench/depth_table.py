@@ -19,15 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.confounds import mean_spread, read_rows  # noqa: E402
 from launch.run_dir import RunDir, read_jsonl  # noqa: E402
-from launch.sweep import cell_dir  # noqa: E402
+from launch.sweep import cell_dir, row_cell  # noqa: E402
 
 
 def dynamics(directory, row):
     """(first-layer / last-layer gradient norm at the last monitor step, the validation losses in
     step order). A ratio far below 1 is the post-norm signature of gradients vanishing on their way
     down; the validation losses tell a stalled run from a slow one."""
-    cell = (row["method"], int(row["depth"]), "" if row["init"] == "preset" else row["init"], int(row["seed"]))
-    run = RunDir(cell_dir(directory, cell))
+    run = RunDir(cell_dir(directory, row_cell(row)))
     layers = read_jsonl(run.monitors)[-1]["layers"]
     return (layers[0]["grad_norm"] / layers[-1]["grad_norm"],
             [r["val_loss"] for r in read_jsonl(run.metrics) if "val_loss" in r])

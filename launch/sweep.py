@@ -58,6 +58,13 @@ def cells(methods, depths, inits, seeds):
     return [(m, d, i, s) for d in depths for s in seeds for i in inits for m in methods]
 
 
+def row_cell(row):
+    """The cell of a results row (from result.json or results.csv, where numbers are strings)."""
+    seed = row.get("seed")
+    return (row["method"], int(row["depth"]), "" if row["init"] == "preset" else row["init"],
+            None if seed in (None, "") else int(seed))
+
+
 def cell_dir(output, cell):
     method, depth, init, seed = cell
     return Path(output) / (f"{method}-L{depth}" + (f"-{init}" if init else "") + (f"-s{seed}" if seed is not None else ""))
@@ -275,47 +282,57 @@ def heatmaps(output, rows):
     """Per-layer cosine and stable rank over training, one panel per cell: <metric>_heatmaps_L<depth>.png
     for each depth. Both, because tokens can collapse onto one line through the origin (stable rank
     1) while their mean cosine stays low."""
+    from model.plot_monitors import metric_grid
+
+    trained = [r for r in rows if r["status"] != "init only"]
+    for depth in sorted({r["depth"] for r in trained}):
+        inits = list(dict.fromkeys(r["init"] for r in trained if r["depth"] == depth))
+        methods = list(dict.fromkeys(r["method"] for r in trained if r["depth"] == depth))
+        histories = {}  # read once, drawn once per metric
+        for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
+            row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
+            history = read_jsonl(RunDir(cell_dir(output, row_cell(row))).monitors)
+            if history:
+                histories[i, j] = (f"{method}, {init}", history)
+        if not histories:
+            continue
+        for metric, label in HEATMAP_METRICS.items():
+            panels = {ij: (title, *metric_grid(history, metric)) for ij, (title, history) in histories.items()}
+            figure = heatmap_grid(panels, (len(inits), len(methods)), metric, label)
+            figure.suptitle(f"depth {depth}: per-layer {label} over training")
+            figure.savefig(Path(output) / f"{metric}_heatmaps_L{depth}.png", dpi=100)
+
+
+def heatmap_grid(panels, shape, metric, label):
+    """A figure of layer × step panels {(row, column): (title, grid, steps)} with one colour bar:
+    the metric's own range, else the panels' common one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from model.plot_monitors import FIXED_RANGES, draw_heatmap, metric_grid
+    from model.plot_monitors import FIXED_RANGES, draw_heatmap
 
-    trained = [r for r in rows if r["status"] != "init only"]
-    for depth, (metric, label) in itertools.product(sorted({r["depth"] for r in trained}), HEATMAP_METRICS.items()):
-        inits = list(dict.fromkeys(r["init"] for r in trained if r["depth"] == depth))
-        methods = list(dict.fromkeys(r["method"] for r in trained if r["depth"] == depth))
-        panels = {}
-        for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
-            row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
-            history = read_jsonl(RunDir(cell_dir(output, (method, depth, "" if init == "preset" else init,
-                                                          row.get("seed")))).monitors)
-            if history:
-                panels[i, j] = (f"{method}, {init}", *metric_grid(history, metric))
-        if not panels:
+    grids = np.concatenate([grid.ravel() for _, grid, _ in panels.values()])
+    value_range = FIXED_RANGES.get(metric) or (np.nanmin(grids), np.nanmax(grids))
+    rows, columns = shape
+    fig, axes = plt.subplots(rows, columns, figsize=(1 + 2.4 * columns, 0.6 + 2.2 * rows), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    plt.close(fig)  # the caller saves it; pyplot need not keep it
+    for (i, j), ax in np.ndenumerate(axes):
+        if (i, j) not in panels:
+            ax.set_axis_off()
             continue
-        # one colour bar for every panel: a range of the metric's own, else the panels' common one
-        grids = np.concatenate([grid.ravel() for _, grid, _ in panels.values()])
-        value_range = FIXED_RANGES.get(metric) or (np.nanmin(grids), np.nanmax(grids))
-        fig, axes = plt.subplots(len(inits), len(methods), figsize=(1 + 2.4 * len(methods), 0.6 + 2.2 * len(inits)),
-                                 squeeze=False, sharex=True, sharey=True, layout="constrained")
-        for (i, j), ax in np.ndenumerate(axes):
-            if (i, j) not in panels:
-                ax.set_axis_off()
-                continue
-            title, grid, steps = panels[i, j]
-            image = draw_heatmap(ax, grid, steps, metric, value_range)
-            ax.set_title(title, fontsize=9)
-        for ax in axes[-1]:
-            ax.set_xlabel("step")
-        for ax in axes[:, 0]:
-            ax.set_ylabel("layer")
-        fig.colorbar(image, ax=axes, label=label)
-        fig.suptitle(f"depth {depth}: per-layer {label} over training")
-        fig.savefig(Path(output) / f"{metric}_heatmaps_L{depth}.png", dpi=100)
-        plt.close(fig)
+        title, grid, steps = panels[i, j]
+        image = draw_heatmap(ax, grid, steps, metric, value_range)
+        ax.set_title(title, fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes, label=label)
+    return fig
 
 
 def slurm_script(args, grid):
