@@ -15,7 +15,8 @@ an OOM, a lost node may be transient: then it is retried). An interrupted cell
 resumes from its newest checkpoint (train.resume=auto); a cell that diverges (the non-finite guard
 stops it) is recorded as diverged, one whose final loss is not below its first as stalled, and the
 sweep goes on.
-The report (DIR/results.csv, results.md and PNGs) is rewritten after every cell.
+The report (DIR/results.csv, results.md and PNGs) is rewritten after every cell, from every finished
+cell in DIR: sub-grids run one after another into one directory build one table.
 
     --jobs N      run N cells at once, each with its share of the CPU cores and, on a GPU node, its
                   own GPU (one of CUDA_VISIBLE_DEVICES, or 0..N-1)
@@ -47,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from configs import ConfigError, exit_on_error, load_config  # noqa: E402
 from launch.run_dir import RunDir, read_jsonl  # noqa: E402
 
+PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 COLUMNS = ["method", "depth", "init", "seed", "status", "final_loss", "final_val_loss", "unigram_entropy", "tokens_per_s",
            "cos_sim_init", "cos_sim_end", "stable_rank_end", "collapsed_layers_end", "first_collapse_step",
            "peak_memory_mb"]
@@ -196,7 +198,7 @@ def run_grid(args, grid, is_collapsed):
         finally:
             free.put(env)
         with reporting:
-            report(args, grid)
+            report(args.output)
 
     pool = ThreadPoolExecutor(args.jobs)
     try:
@@ -286,19 +288,22 @@ def heatmaps(output, rows):
 
     trained = [r for r in rows if r["status"] != "init only"]
     for depth in sorted({r["depth"] for r in trained}):
-        inits = list(dict.fromkeys(r["init"] for r in trained if r["depth"] == depth))
-        methods = list(dict.fromkeys(r["method"] for r in trained if r["depth"] == depth))
+        at_depth = {row_cell(r): r for r in trained if r["depth"] == depth}
+        # one panel row per init and seed: each seed is its own run, and its panels say which
+        lines = list(dict.fromkeys((init, seed) for _, _, init, seed in at_depth))
+        methods = list(dict.fromkeys(method for method, *_ in at_depth))
         histories = {}  # read once, drawn once per metric
-        for (i, init), (j, method) in itertools.product(enumerate(inits), enumerate(methods)):
-            row = next(r for r in trained if (r["method"], r["depth"], r["init"]) == (method, depth, init))
-            history = read_jsonl(RunDir(cell_dir(output, row_cell(row))).monitors)
+        for (i, (init, seed)), (j, method) in itertools.product(enumerate(lines), enumerate(methods)):
+            cell = (method, depth, init, seed)
+            history = read_jsonl(RunDir(cell_dir(output, cell)).monitors) if cell in at_depth else []
             if history:
-                histories[i, j] = (f"{method}, {init}", history)
+                seed_name = f", seed {seed}" if seed is not None else ""
+                histories[i, j] = (f"{method}, {at_depth[cell]['init']}{seed_name}", history)
         if not histories:
             continue
         for metric, label in HEATMAP_METRICS.items():
             panels = {ij: (title, *metric_grid(history, metric)) for ij, (title, history) in histories.items()}
-            figure = heatmap_grid(panels, (len(inits), len(methods)), metric, label)
+            figure = heatmap_grid(panels, (len(lines), len(methods)), metric, label)
             figure.suptitle(f"depth {depth}: per-layer {label} over training")
             figure.savefig(Path(output) / f"{metric}_heatmaps_L{depth}.png", dpi=100)
 
@@ -358,7 +363,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", action="append", default=[], help="base YAML (shape, schedule); repeatable")
     ap.add_argument("--depths", required=True, help="comma-separated model.n_layers values")
-    ap.add_argument("--methods", default="vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped",
+    ap.add_argument("--methods", default=",".join(PRESETS),
                     help="preset names from configs/methods/")
     ap.add_argument("--inits", default="", help="model.init values (default: each preset's own init)")
     ap.add_argument("--seeds", default="", help="train.seed values (default: the config's seed, not in cell names)")
@@ -366,7 +371,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once (cores or GPUs split between them)")
     ap.add_argument("--slurm", action="store_true")
     ap.add_argument("--cell", type=int)
-    ap.add_argument("--report", action="store_true", help="only collect results.* and plots from finished cells")
+    ap.add_argument("--report", action="store_true",
+                    help="only collect results.* and plots from the finished cells in --output")
     ap.add_argument("--init-only", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
@@ -412,16 +418,25 @@ def main(argv=None):
         return
     if not args.report:
         exit_on_error(run_grid, args, grid, is_collapsed)
-    report(args, grid)
+    report(args.output)
     print(f"results: {Path(args.output) / 'results.md'}")
 
 
-def report(args, grid):
-    rows = [json.loads((cell_dir(args.output, c) / "result.json").read_text()) for c in grid
-            if (cell_dir(args.output, c) / "result.json").is_file()]
+def report(output):
+    """results.* and plots from every finished cell in the output directory, not only the current
+    grid's: a sub-grid (one depth, some methods) run into a shared directory must not shrink its
+    table. Rows by depth, seed, init, then preset in PRESETS order (a preset's one-change variants
+    after it)."""
+    def order(row):
+        method, depth, init, seed = row_cell(row)
+        preset = method.split("+")[0]
+        return (depth, seed is not None, seed or 0, init,
+                PRESETS.index(preset) if preset in PRESETS else len(PRESETS), method)
+
+    rows = sorted((json.loads(path.read_text()) for path in Path(output).glob("*/result.json")), key=order)
     if rows:
-        write_report(args.output, rows)
-        heatmaps(args.output, rows)
+        write_report(output, rows)
+        heatmaps(output, rows)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 interrupted one resumes, a diverging one is recorded as diverged."""
 
 import csv
+import json
 import os
+from unittest import mock
 
+import launch.sweep
 from launch.sweep import job_environments
 from tests.conftest import COMMON, records, run_cli
 
@@ -80,7 +83,7 @@ def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
         "error: --jobs 3: CUDA_VISIBLE_DEVICES=0,1 lists only 2 GPUs; use --jobs 2 or list more GPUs")
 
 
-def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path):
+def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     args = ["launch/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "1,2",
             "--output", str(out), *COMMON, f"data.path={tiny_data}", "monitor.every=3"]
@@ -91,6 +94,21 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path):
     assert all(r["init"] == "preset" and r["unigram_entropy"] and r["stable_rank_end"] for r in table)
     saved = (out / "vanilla+model.head_bias=none-L1-s2" / "config.yaml").read_text()
     assert "head_bias: none" in saved and "seed: 2" in saved
+    # a sub-grid's report still tables every finished cell in the directory
+    run_cli("launch/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "2", "--report",
+            "--output", str(out), *COMMON, f"data.path={tiny_data}")
+    assert [r["seed"] for r in rows(out)] == ["1", "2"]
+    # each seed is its own row of heatmap panels, named in the title
+    drawn = {}
+
+    def capture(panels, shape, metric, label):
+        drawn[metric] = shape, sorted(title for title, *_ in panels.values())
+        return mock.MagicMock()
+
+    monkeypatch.setattr(launch.sweep, "heatmap_grid", capture)
+    launch.sweep.heatmaps(out, [json.loads(p.read_text()) for p in out.glob("*/result.json")])
+    assert drawn["stable_rank"] == ((2, 1), ["vanilla+model.head_bias=none, preset, seed 1",
+                                             "vanilla+model.head_bias=none, preset, seed 2"])
     # the same cells with another setting are other experiments: rerun from scratch, not skipped
     again = run_cli(*args, "train.lr=1e-3")
     assert again.stderr.count("its config changed since it ran; rerunning from scratch") == 2
