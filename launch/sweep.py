@@ -298,7 +298,9 @@ def heatmaps(output, rows):
             history = read_jsonl(RunDir(cell_dir(output, cell)).monitors) if cell in at_depth else []
             if history:
                 seed_name = f", seed {seed}" if seed is not None else ""
-                histories[i, j] = (f"{method}, {at_depth[cell]['init']}{seed_name}", history)
+                # a line per override: side by side, one-line names of one-change presets run into each other
+                name = method.replace("+", "\n+")
+                histories[i, j] = (f"{name}\n{at_depth[cell]['init']}{seed_name}", history)
         if not histories:
             continue
         for metric, label in HEATMAP_METRICS.items():

@@ -107,8 +107,8 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
 
     monkeypatch.setattr(launch.sweep, "heatmap_grid", capture)
     launch.sweep.heatmaps(out, [json.loads(p.read_text()) for p in out.glob("*/result.json")])
-    assert drawn["stable_rank"] == ((2, 1), ["vanilla+model.head_bias=none, preset, seed 1",
-                                             "vanilla+model.head_bias=none, preset, seed 2"])
+    assert drawn["stable_rank"] == ((2, 1), ["vanilla\n+model.head_bias=none\npreset, seed 1",
+                                             "vanilla\n+model.head_bias=none\npreset, seed 2"])
     # the same cells with another setting are other experiments: rerun from scratch, not skipped
     again = run_cli(*args, "train.lr=1e-3")
     assert again.stderr.count("its config changed since it ran; rerunning from scratch") == 2
