@@ -48,7 +48,7 @@ def tables(directory):
             f"{float(r['cos_sim_end']):.2f} / {float(r['stable_rank_end']):.1f} / {r['collapsed_layers_end']}"
             for r in mine) or "–" for mine in cells.values()) + " |")
         training.append(f"| `{method}` | " + " | ".join("; ".join(
-            "{:.0e} / {}".format(ratio, " → ".join(f"{v:.2f}" for v in val))
+            "{:.2g} / {}".format(ratio, " → ".join(f"{v:.2f}" for v in val))
             for ratio, val in map(functools.partial(dynamics, directory), mine)) or "–" for mine in cells.values()) + " |")
     return (f"Final validation loss (nats per byte; mean ± half the range over seeds) and how far it ends below "
             f"the unigram entropy ({unigram:.3f}):\n\n" + "\n".join(loss) +

@@ -112,3 +112,30 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
     # the same cells with another setting are other experiments: rerun from scratch, not skipped
     again = run_cli(*args, "train.lr=1e-3")
     assert again.stderr.count("its config changed since it ran; rerunning from scratch") == 2
+
+
+def test_depth_tables_read_each_cells_own_logs(tmp_path):
+    from bench.depth_table import tables
+    from launch.sweep import COLUMNS
+
+    def cell(name, depth, seed, val, grad_first):
+        run = tmp_path / f"{name}-L{depth}-s{seed}"
+        run.mkdir()
+        layers = [{"grad_norm": grad_first}] + [{"grad_norm": 1.0}] * (depth - 1)
+        (run / "monitors.jsonl").write_text(json.dumps({"step": 300, "layers": layers}) + "\n")
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n"
+                                                   for s, v in ((100, val + 0.2), (300, val))))
+        return dict(method=name, depth=depth, init="preset", seed=seed, final_val_loss=val, unigram_entropy=3.25,
+                    cos_sim_end=0.2, stable_rank_end=3.0, collapsed_layers_end=0)
+
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows([cell("vanilla", 4, 1, 2.0, 1.24), cell("vanilla", 4, 2, 2.1, 6.3e-11),
+                          cell("pre", 8, 1, 2.5, 48.0)])
+    text = tables(tmp_path)
+    # two seeds: mean ± half-range, the gap to the unigram entropy; a depth not run reads –
+    assert "| `vanilla` | 2.050 ± 0.050, 1.20 below | – |" in text
+    # the gradient ratio keeps two figures, so that 1.2 is not printed as 1
+    assert "| `vanilla` | 1.2 / 2.20 → 2.00; 6.3e-11 / 2.30 → 2.10 | – |" in text
+    assert "| `pre` | – | 48 / 2.70 → 2.50 |" in text
