@@ -56,15 +56,6 @@ def lr_factor(step, cfg):
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model, weight_decay):
-    """Decay matrices only: norms, shaped gains and spectral eigenvalues are not pulled to 0."""
-    from model.init import full_shape
-
-    decay = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and len(full_shape(p)) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 def gradient_norm(engine, model):
     """The global gradient norm before clipping, or None where DeepSpeed records it itself.
 
@@ -135,15 +126,17 @@ def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want
 
 
 def make_optimizer(model, t):
-    groups = param_groups(model, t.weight_decay)
+    from model.optimizer_groups import parameter_groups
+
+    groups = parameter_groups(model, t)
     if t.offload_optimizer:
         # ZeRO-Offload steps on the CPU: DeepSpeed's vectorized CPU Adam, several times torch's AdamW there
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), adamw_mode=True)
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, adamw_mode=True)
     from launch.nonfinite import GuardedAdamW
 
-    return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+    return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
 
 def agreed_flags(flags, device):
@@ -306,6 +299,14 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
             val_loss = evaluate(engine, val_batches, device)
             log.write({"step": done, "val_loss": val_loss}, "val")
             log.info(f"step {done}: val_loss {val_loss:.4f} (unigram entropy {meta['unigram_entropy']:.4f})")
+        if done == t.max_steps and t.final_eval_windows:
+            # the score runs are compared by: the same windows, spread over the whole split, for every seed
+            # and depth (the first windows alone can sit a third of a nat off a full pass)
+            final = ValBatches(sources, t.seq_len, t.micro_batch_size, 0, world_size, rank, spread=t.final_eval_windows)
+            final_loss = evaluate(engine, final, device)
+            log.write({"step": done, "final_eval_loss": final_loss, "eval_windows": final.num_windows}, "val")
+            log.info(f"step {done}: final_eval_loss {final_loss:.4f} over {final.num_windows} windows spread over the "
+                     "val split")
 
         spiked = False
         if t.spike_factor and not skipped:

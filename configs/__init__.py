@@ -12,12 +12,32 @@ import difflib
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import FathomConfig, ModelConfig
+from configs.schema import SCHEMA_VERSION, FathomConfig, ModelConfig
 
-__all__ = ["ConfigError", "FathomConfig", "ModelConfig", "load_config", "schema_fields", "to_yaml", "exit_on_error"]
+__all__ = ["ConfigError", "FathomConfig", "ModelConfig", "load_config", "saved_config", "schema_fields", "to_yaml",
+           "exit_on_error"]
+
+# Keys added to the schema after Fathom first wrote a config.yaml, by the format version that has
+# them, each with the value that does what Fathom did before the key existed. A run's own config
+# then loads as the run ran: a cell trained before the LM head had a bias is read with
+# head_bias=none, not with today's default.
+SINCE = {
+    1: {
+        "model.qk_init": "base", "model.head_bias": "none", "model.tie_embeddings": True,
+        "model.spectral.init": "equal", "model.shaped.temperature": "width",
+        "model.shaped.trainable_branch_gains": False,
+        "model.depth_scaling.alpha": 0.0, "model.depth_scaling.base_layers": 12,
+        "model.depth_scaling.optimizer_rules": True,
+        "train.adam_eps": 1e-8, "train.final_eval_windows": 0, "train.allow_data_change": False,
+        "train.overwrite": False, "train.compile": False, "train.wandb_project": "", "train.peak_tflops": 0.0,
+        "train.profile_steps": "",
+        "data.tokenizer": "bpe", "data.mix": [],
+        "monitor.stable_rank_threshold": 1.0,  # collapse was called by cosine alone
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -39,6 +59,48 @@ def _unknown_key(key):
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "see the key table in README.md"
     return ConfigError(f"unknown config key {key!r}: {hint}")
+
+
+def _leaves(mapping, prefix=""):
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _version(loaded):
+    """The format of a YAML mapping that Fathom wrote (train.py's config.yaml, an export's), or None for
+    one a person wrote. Before format 1 there was no version key, but such a file holds every key of
+    its time: all of today's but those added since (a hand-written file never names them all)."""
+    container = OmegaConf.to_container(loaded)
+    if "schema_version" in container:
+        return container["schema_version"]
+    added = {key for keys in SINCE.values() for key in keys} | {"schema_version"}
+    first = {key for key, _ in schema_fields()} - added
+    return 0 if first <= set(_leaves(container)) else None
+
+
+def _as_it_ran(loaded, version):
+    """A config Fathom wrote in an older format, upgraded: the keys it lacks take the values it ran with."""
+    present = set(_leaves(OmegaConf.to_container(loaded)))
+    for since, keys in SINCE.items():
+        if version < since:
+            for key, value in keys.items():
+                if key not in present:
+                    OmegaConf.update(loaded, key, value, force_add=True)
+    OmegaConf.update(loaded, "schema_version", SCHEMA_VERSION, force_add=True)
+    return loaded
+
+
+def saved_config(mapping):
+    """The config of a run from what it saved (config.yaml, a checkpoint marker's copy), read as it
+    ran whatever Fathom version wrote it."""
+    loaded = OmegaConf.create(mapping) if not isinstance(mapping, DictConfig) else mapping
+    version = _version(loaded)
+    if version is not None and version < SCHEMA_VERSION:
+        loaded = _as_it_ran(loaded, version)
+    return OmegaConf.to_object(_merge(OmegaConf.structured(FathomConfig), loaded, "saved config"))
 
 
 def _merge(base, other, source):
@@ -123,6 +185,9 @@ def load_config(paths=(), overrides=()):
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, type(cfg)):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping such as 'model: {{n_layers: 48}}'")
+        version = _version(loaded)
+        if version is not None and version < SCHEMA_VERSION:  # an older run's config.yaml: as that run ran
+            loaded = _as_it_ran(loaded, version)
         cfg = _merge(cfg, loaded, path)
     for item in overrides:
         key, value = _parse_override(item)

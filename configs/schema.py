@@ -11,9 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
-def opt(default, help, choices=None, check=None):
-    """A config field: its default, its help line and what values it allows."""
-    meta = {"help": help}
+def opt(default, help, choices=None, check=None, run_only=False):
+    """A config field: its default, its help line and what values it allows. `run_only` marks a key
+    that manages or records a run (where it writes, when it saves) and never changes the trained
+    weights or the losses logged: two runs that differ only there are the same experiment."""
+    meta = {"help": help, "run_only": run_only}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if check is not None:
@@ -68,6 +70,16 @@ class ShapedConfig:
 
 
 @dataclass
+class DepthScalingConfig:
+    alpha: float = opt(0.0, "multiply every residual branch by (base_layers / n_layers)^alpha, with the optimizer rules "
+                       "that go with it (model/residual.py): 0 = off, 0.5 = depth-muP, 1 = CompleteP",
+                       check=unit_interval)
+    base_layers: int = opt(12, "the depth at which depth scaling changes nothing: tune train.lr there", check=positive)
+    optimizer_rules: bool = opt(True, "with alpha > 0, also scale the branch parameters' lr, AdamW eps and weight decay "
+                                      "(model/optimizer_groups.py); false = the branch multiplier alone")
+
+
+@dataclass
 class ModelConfig:
     n_layers: int = opt(32, "number of Transformer blocks", check=positive)
     d_model: int = opt(64, "width of the residual stream", check=positive)
@@ -104,6 +116,7 @@ class ModelConfig:
     surgery: SurgeryConfig = sub(SurgeryConfig, "similarity surgery options")
     spectral: SpectralConfig = sub(SpectralConfig, "spectral parameterization options")
     shaped: ShapedConfig = sub(ShapedConfig, "shaped attention options")
+    depth_scaling: DepthScalingConfig = sub(DepthScalingConfig, "one learning rate across depth (CompleteP's rule)")
 
 
 @dataclass
@@ -118,12 +131,17 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "AdamW weight decay on matrices (not on norms, gains, biases)", check=non_negative)
     beta1: float = opt(0.9, "AdamW beta1", check=unit_interval)
     beta2: float = opt(0.98, "AdamW beta2", check=unit_interval)
+    adam_eps: float = opt(1e-8, "AdamW epsilon (times the branch multiplier for the branch parameters under "
+                                "model.depth_scaling)", check=positive)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", check=non_negative)
     seed: int = opt(1337, "seed of the weights and of the data order", check=non_negative)
-    log_every: int = opt(10, "steps between metrics.jsonl lines", check=positive)
+    log_every: int = opt(10, "steps between metrics.jsonl lines", check=positive, run_only=True)
     eval_every: int = opt(200, "steps between validation passes (and one at the end)", check=positive)
-    eval_batches: int = opt(8, "micro-batches per validation pass", check=positive)
-    out_dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, tensorboard/")
+    eval_batches: int = opt(8, "micro-batches per validation pass (the first windows of the val split)", check=positive)
+    final_eval_windows: int = opt(1024, "after the last step, the loss on this many val windows, one drawn from each of "
+                                        "as many equal stretches of the split with a fixed seed: the same windows for "
+                                        "every run of a data set (0 = off)", check=non_negative, run_only=True)
+    out_dir: str = opt("runs/default", "run directory: config.yaml, metrics.jsonl, tensorboard/", run_only=True)
     precision: str = opt(
         "auto", "auto = bf16 on CUDA, fp32 on CPU; fp16 uses dynamic loss scaling",
         choices=("auto", "fp32", "bf16", "fp16"),
@@ -136,19 +154,19 @@ class TrainConfig:
         0, "recompute every k-th block in the backward pass instead of storing its activations (0 = off)",
         check=non_negative)
     offload_optimizer: bool = opt(False, "keep optimizer states on the CPU (ZeRO-Offload; needs zero_stage >= 1)")
-    save_every: int = opt(0, "steps between checkpoints (0 = only at the end and when stopped)", check=non_negative)
+    save_every: int = opt(0, "steps between checkpoints (0 = only at the end and when stopped)", check=non_negative, run_only=True)
     save_every_minutes: float = opt(0.0, "also checkpoint when this many minutes passed since the last save (0 = off)",
-                                    check=non_negative)
-    keep_last: int = opt(2, "complete checkpoints kept; older ones are deleted", check=positive)
-    resume: str = opt("auto", "auto = newest complete checkpoint in out_dir (else start afresh), none, or a checkpoint path")
+                                    check=non_negative, run_only=True)
+    keep_last: int = opt(2, "complete checkpoints kept; older ones are deleted", check=positive, run_only=True)
+    resume: str = opt("auto", "auto = newest complete checkpoint in out_dir (else start afresh), none, or a checkpoint path", run_only=True)
     allow_data_change: bool = opt(False, "let a resume continue with other data, train.seed or train.seq_len (the "
-                                         "sample order then changes; refused otherwise)")
+                                         "sample order then changes; refused otherwise)", run_only=True)
     overwrite: bool = opt(False, "let a fresh start use an out_dir that holds another run: that run is first renamed to "
-                                 "OUT_DIR.replaced-<time> (nothing is deleted)")
+                                 "OUT_DIR.replaced-<time> (nothing is deleted)", run_only=True)
     stop_at_step: int = opt(0, "save and exit cleanly after this step; the LR schedule still follows max_steps (0 = off)",
-                            check=non_negative)
+                            check=non_negative, run_only=True)
     time_limit_minutes: float = opt(0.0, "save and exit (code 75) before this invocation's wall time runs out (0 = off)",
-                                    check=non_negative)
+                                    check=non_negative, run_only=True)
     max_bad_steps: int = opt(10, "stop (with a checkpoint of the last good state) after this many non-finite steps in a row",
                              check=positive)
     spike_factor: float = opt(
@@ -164,12 +182,12 @@ class TrainConfig:
     deepspeed_config: str = opt("", "a DeepSpeed JSON file merged over the generated config (expert pass-through)")
     compile: bool = opt(False, "torch.compile each Transformer block (the first steps pay the compile time)")
     wandb_project: str = opt("", "also log to this Weights & Biases project (rank 0; one W&B run per out_dir, resumed "
-                                 "after a restart; WANDB_MODE=offline works without a network)")
+                                 "after a restart; WANDB_MODE=offline works without a network)", run_only=True)
     peak_tflops: float = opt(0.0, "the device's dense bf16/fp16 peak for MFU (0 = known GPUs by name; none on CPU)",
-                             check=non_negative)
+                             check=non_negative, run_only=True)
     profile_steps: str = opt("", "record a torch.profiler trace of steps A..B (A:B) into out_dir/tensorboard",
                              check=(lambda v: v == "" or re.fullmatch(r"\d+:\d+", v) is not None
-                                    and int(v.split(":")[0]) <= int(v.split(":")[1]), "empty or A:B with A <= B, e.g. 10:12"))
+                                    and int(v.split(":")[0]) <= int(v.split(":")[1]), "empty or A:B with A <= B, e.g. 10:12"), run_only=True)
 
 
 @dataclass
@@ -180,7 +198,7 @@ class DataConfig:
                     check=(lambda v: all(isinstance(s, Mapping) and set(s) == {"path", "weight"} and isinstance(s["path"], str)
                                          and s["path"] and type(s["weight"]) in (int, float) and s["weight"] > 0 for s in v),
                            "a list of {path: DIR, weight: W} with W > 0"))
-    cache_dir: str = opt("~/.cache/fathom", "where the built-in corpus is prepared once and reused")
+    cache_dir: str = opt("~/.cache/fathom", "where the built-in corpus is prepared once and reused", run_only=True)
     tokenizer: str = opt("bpe", "tokenizer of the built-in corpus: bpe (trained, data.vocab_size) or bytes (256 byte values "
                          "+ end-of-text)", choices=("bpe", "bytes"))
     vocab_size: int = opt(8192, "BPE vocabulary trained for the built-in corpus", check=(lambda v: v >= 260, "an integer >= 260"))
@@ -196,8 +214,16 @@ class MonitorConfig:
     batch: int = opt(4, "held-out sequences (of train.seq_len tokens) in the probe batch", check=positive)
 
 
+# Raised whenever a change makes an older config.yaml mean something else; configs.saved_config
+# reads older files as they ran (configs/__init__.py, SINCE).
+SCHEMA_VERSION = 1
+
+
 @dataclass
 class FathomConfig:
+    schema_version: int = opt(SCHEMA_VERSION, "the config format this file was written in (set by Fathom)",
+                              check=(lambda v: v == SCHEMA_VERSION, f"{SCHEMA_VERSION}: older run configs are read "
+                                     "with configs.saved_config"), run_only=True)
     model: ModelConfig = sub(ModelConfig, "the Transformer")
     train: TrainConfig = sub(TrainConfig, "the training run")
     data: DataConfig = sub(DataConfig, "the training data")

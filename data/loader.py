@@ -168,15 +168,33 @@ class TrainBatches:
         return lines
 
 
-class MixedWindows:
-    """The first windows of each source's split side by side, as many of each as its weight asks
-    (within what it holds): window ids 0..num_windows-1 across all of them."""
+# The seed of the spread validation sample: fixed, not train.seed, so that runs with different seeds
+# (and depths, methods) are scored on the same windows.
+SPREAD_SEED = 20261203
 
-    def __init__(self, data, split, seq_len, wanted):
+
+def spread_sample(num_windows, count, seed=SPREAD_SEED):
+    """`count` window ids spread over [0, num_windows): one drawn uniformly from each of `count` equal
+    stretches, so the sample covers the whole split (all windows if there are no more than count)."""
+    if count >= num_windows:
+        return np.arange(num_windows, dtype=np.int64)
+    edges = np.linspace(0, num_windows, count + 1)
+    low, high = np.ceil(edges[:-1]).astype(np.int64), np.ceil(edges[1:]).astype(np.int64)
+    return low + np.floor(np.random.default_rng(seed).random(count) * (high - low)).astype(np.int64)
+
+
+class MixedWindows:
+    """Windows of each source's split side by side, as many of each as its weight asks (within what
+    it holds): window ids 0..num_windows-1 across all of them. Each source gives its first windows
+    in file order, or with `spread` a spread_sample of its whole split."""
+
+    def __init__(self, data, split, seq_len, wanted, spread=False):
         sources = weighted_sources(data)
         self.parts = [TokenShards(path, split, seq_len) for path, _ in sources]
         shares = Mixture([w for _, w in sources]).counts([wanted])[:, 0]
         self.counts = np.minimum(shares, [part.num_windows for part in self.parts])
+        self.picks = [spread_sample(part.num_windows, int(count)) if spread else np.arange(count, dtype=np.int64)
+                      for part, count in zip(self.parts, self.counts)]
         self.first = np.concatenate([[0], np.cumsum(self.counts)])
         self.num_windows = int(self.first[-1])
 
@@ -185,17 +203,18 @@ class MixedWindows:
         out = np.empty((len(ids), self.parts[0].seq_len + 1), dtype=np.int64)
         for i in np.unique(part):
             sel = part == i
-            out[sel] = self.parts[i].windows(ids[sel] - self.first[i])
+            out[sel] = self.parts[i].windows(self.picks[i][ids[sel] - self.first[i]])
         return out
 
 
 class ValBatches:
-    """The first eval_batches × micro_batch windows of the val split in file order (of a mixture:
-    of each source's, shared by weight), dealt round-robin to the ranks: the same sequences whatever
-    the world size, so validation losses (summed over ranks) compare across runs."""
+    """The first num_batches × micro_batch windows of the val split in file order (of a mixture: of
+    each source's, shared by weight), or, given `spread`, that many windows spread over the whole
+    split (spread_sample), dealt round-robin to the ranks: the same sequences whatever the world size,
+    so validation losses (summed over ranks) compare across runs."""
 
-    def __init__(self, data, seq_len, micro_batch, num_batches, world_size, rank):
-        self.data = MixedWindows(data, "val", seq_len, num_batches * micro_batch)
+    def __init__(self, data, seq_len, micro_batch, num_batches, world_size, rank, spread=0):
+        self.data = MixedWindows(data, "val", seq_len, spread or num_batches * micro_batch, bool(spread))
         self.num_windows = self.data.num_windows
         if self.num_windows == 0:
             raise ValueError(f"{data}: the val split is shorter than one sequence of {seq_len + 1} tokens")

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs import ConfigError
+from configs import ConfigError, saved_config
 from launch.run_dir import RunDir, fsync_dir, write_atomically
 
 MARKER = "fathom_complete.json"
@@ -120,7 +120,7 @@ def find_resume_point(cfg, tokenizer_hash, fingerprint):
                 raise ConfigError(f"checkpoint {path} was saved with train.{key}={saved!r}, this run has "
                                   f"{getattr(cfg.train, key)!r}, which reshuffles the samples: resume with the same "
                                   f"value, or set train.allow_data_change=true")
-    saved_model, model = marker["config"]["model"], _plain(cfg.model)
+    saved_model, model = _plain(saved_config(marker["config"]).model), _plain(cfg.model)
     changed = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
     if changed:
         key = changed[0]

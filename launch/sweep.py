@@ -45,11 +45,12 @@ from queue import SimpleQueue
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from configs import ConfigError, exit_on_error, load_config  # noqa: E402
+from configs import ConfigError, exit_on_error, load_config, saved_config, schema_fields  # noqa: E402
 from launch.run_dir import RunDir, read_jsonl  # noqa: E402
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
-COLUMNS = ["method", "depth", "init", "seed", "status", "final_loss", "final_val_loss", "unigram_entropy", "tokens_per_s",
+COLUMNS = ["method", "depth", "init", "seed", "status", "final_loss", "final_val_loss", "final_eval_loss", "unigram_entropy",
+           "tokens_per_s",
            "cos_sim_init", "cos_sim_end", "stable_rank_end", "collapsed_layers_end", "first_collapse_step",
            "peak_memory_mb"]
 
@@ -93,27 +94,35 @@ def train_command(args, cell):
     return [sys.executable, str(ROOT / "train.py"), *configs, *overrides, f"train.out_dir={cell_dir(args.output, cell)}"]
 
 
-def is_stale(args, cell):
-    """A finished cell whose recorded config is not what the cell resolves to now. The run directory
-    itself does not count: a cell copied from another sweep's output is the same experiment. Nor
-    does a key added to the schema after the cell ran: it reads as its default, which is how every
-    new key keeps the behaviour from before it existed."""
+def changed_keys(args, cell):
+    """The keys whose recorded value in a finished cell's config.yaml differs from what the cell resolves
+    to now ([] for a cell not run yet). Keys that only manage or record a run (the run directory, save
+    policy, logging: `run_only` in the schema) do not count: a cell copied from another sweep's output
+    is the same experiment. A config written before a key existed reads as that run ran
+    (configs.saved_config): a cell that predates the LM head's bias differs in model.head_bias."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from configs import FathomConfig, to_yaml
 
     recorded = RunDir(cell_dir(args.output, cell)).config
     if not recorded.is_file():
-        return False
-    cfg = load_config(*cell_config(args, cell))
+        return []
+    now = load_config(*cell_config(args, cell))
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(FathomConfig), OmegaConf.load(recorded))
-    except OmegaConfBaseException:  # a key since removed or retyped: not the experiment this Fathom would run
-        return True
-    cfg.train.out_dir = saved.train.out_dir
-    cfg.model.vocab_size = saved.model.vocab_size  # set from the data by train.py
-    return OmegaConf.to_yaml(saved) != to_yaml(cfg)
+        saved = saved_config(OmegaConf.load(recorded))
+    except ConfigError as e:  # a key since removed or retyped: not the experiment this Fathom would run
+        return [f"a config this Fathom cannot read: {e}"]
+    now.model.vocab_size = saved.model.vocab_size  # set from the data by train.py
+    return [key for key, f in schema_fields() if not f.metadata["run_only"]
+            and OmegaConf.select(OmegaConf.structured(saved), key) != OmegaConf.select(OmegaConf.structured(now), key)]
+
+
+def check_unchanged(args, cell):
+    """A finished cell whose experiment changed is deleted and rerun only with --force: it may be the
+    only copy of hours of training."""
+    changed = changed_keys(args, cell)
+    if changed and not args.force:
+        raise ConfigError(f"{cell_dir(args.output, cell)} ran with another config than this sweep asks for (differs in "
+                          f"{', '.join(changed)}): pass --force to delete and rerun it, or another --output")
+    return changed
 
 
 def cell_result(directory, cell, returncode, is_collapsed):
@@ -122,6 +131,7 @@ def cell_result(directory, cell, returncode, is_collapsed):
     monitors = read_jsonl(RunDir(directory).monitors)
     train = [r for r in metrics if "loss" in r]
     val = [r for r in metrics if "val_loss" in r]
+    final_eval = [r for r in metrics if "final_eval_loss" in r]
     data = [r for r in metrics if "unigram_entropy" in r]
     losses = [r["loss"] for r in train]
     diverged = returncode == 3 or (losses and not math.isfinite(losses[-1]))
@@ -133,6 +143,7 @@ def cell_result(directory, cell, returncode, is_collapsed):
         "method": method, "depth": depth, "init": init or "preset", "seed": seed, "status": status,
         "final_loss": losses[-1] if losses else None,
         "final_val_loss": val[-1]["val_loss"] if val else None,
+        "final_eval_loss": final_eval[-1]["final_eval_loss"] if final_eval else None,
         "unigram_entropy": data[0]["unigram_entropy"] if data else None,
         "tokens_per_s": sum(r["tokens_per_s"] for r in train[1:]) / max(1, len(train) - 1) if train else None,
         "cos_sim_init": monitors[0]["layers"][-1]["cos_sim"] if monitors else None,
@@ -146,8 +157,10 @@ def cell_result(directory, cell, returncode, is_collapsed):
 
 def run_cell(args, cell, is_collapsed, env=None):
     directory = cell_dir(args.output, cell)
-    if is_stale(args, cell):
-        print(f"{directory.name}: its config changed since it ran; rerunning from scratch", file=sys.stderr)
+    changed = check_unchanged(args, cell)
+    if changed:
+        print(f"{directory.name}: {', '.join(changed)} changed since it ran; --force: deleted, rerunning from scratch",
+              file=sys.stderr)
         shutil.rmtree(directory)
     result_file = directory / "result.json"
     if result_file.is_file():
@@ -376,6 +389,8 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true",
                     help="only collect results.* and plots from the finished cells in --output")
     ap.add_argument("--init-only", action="store_true")
+    ap.add_argument("--force", action="store_true",
+                    help="delete and rerun finished cells whose config differs from what the sweep asks for")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
@@ -392,6 +407,8 @@ def main(argv=None):
                 raise ConfigError(f"--methods: no preset configs/methods/{preset.name}")
         for cell in cells(methods, depths, inits, seeds):  # every cell's config, before any training
             load_config(*cell_config(args, cell))
+            if not (args.report or args.init_only or args.slurm):
+                check_unchanged(args, cell)
         return load_config(args.config, args.overrides)
 
     base = exit_on_error(validate)

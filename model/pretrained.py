@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from configs import ConfigError, FathomConfig, ModelConfig
+from configs import ConfigError, saved_config
 from launch.checkpoint import complete_checkpoints, load_safely, verify
 from launch.run_dir import RunDir
 
@@ -34,7 +34,7 @@ def run_checkpoint(run, tag=None):
 
 
 def run_config(marker):
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FathomConfig), marker["config"]))
+    return saved_config(marker["config"])
 
 
 def consolidated_state_dict(path, marker):
@@ -52,16 +52,17 @@ def consolidated_state_dict(path, marker):
 
 def master_weights(states, marker):
     """{name: fp32 master weight} of a ZeRO-0 bf16 checkpoint. DeepSpeed saves them per optimizer
-    group without names; train.param_groups puts the trained matrices first, then the other trained
-    parameters, each in module order. Each master must round to the saved module weight."""
+    group without names, in the order of model.optimizer_groups. Each master must round to the saved
+    module weight."""
     import torch
 
     from model import Transformer
+    from model.optimizer_groups import parameter_groups
 
+    cfg = run_config(marker)
     with torch.device("meta"):  # names, shapes and flags only
-        model = Transformer(run_config(marker).model)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    ordered = [p for p in trained if p.dim() >= 2] + [p for p in trained if p.dim() < 2]
+        model = Transformer(cfg.model)
+    ordered = [p for group in parameter_groups(model, cfg.train) for p in group["params"]]
     groups = states["optimizer"]["fp32_groups"]
     masters = dict(zip(map(id, ordered), (t for group in groups for t in group)))
     # a tied head is one parameter under two names: both get its master
@@ -117,7 +118,7 @@ def from_pretrained(directory):
 
     directory = Path(directory)
     cfg = OmegaConf.load(directory / "config.yaml")
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg.get("model", cfg)))
+    model_cfg = saved_config(cfg).model
     model = Transformer(model_cfg)
     load_model(model, str(directory / "model.safetensors"))
     return model.eval()

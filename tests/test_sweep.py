@@ -109,9 +109,20 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
     launch.sweep.heatmaps(out, [json.loads(p.read_text()) for p in out.glob("*/result.json")])
     assert drawn["stable_rank"] == ((2, 1), ["vanilla\n+model.head_bias=none\npreset, seed 1",
                                              "vanilla\n+model.head_bias=none\npreset, seed 2"])
-    # the same cells with another setting are other experiments: rerun from scratch, not skipped
-    again = run_cli(*args, "train.lr=1e-3")
-    assert again.stderr.count("its config changed since it ran; rerunning from scratch") == 2
+    # every cell is scored on the same spread sample of the val split (tests/test_data.py pins the windows)
+    assert all(float(r["final_eval_loss"]) > 0 for r in table)
+    # the same cells with another setting are other experiments: never deleted without --force ...
+    refused = run_cli(*args, "train.lr=1e-3", check=False)
+    assert refused.returncode == 2 and "training" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {out / 'vanilla+model.head_bias=none-L1-s1'} ran with another config than this sweep asks for "
+        "(differs in train.lr): pass --force to delete and rerun it, or another --output")
+    assert (out / "vanilla+model.head_bias=none-L1-s1" / "result.json").is_file()
+    # ... nor for a key that only manages the run
+    assert run_cli(*args, "train.save_every=2").stderr.count("complete, skipped") == 2
+    # ... and with it, rerun from scratch
+    again = run_cli(*args, "train.lr=1e-3", "--force")
+    assert again.stderr.count("train.lr changed since it ran; --force: deleted, rerunning from scratch") == 2
 
 
 def test_depth_tables_read_each_cells_own_logs(tmp_path):
