@@ -282,8 +282,10 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if monitoring:
             monitor.record(done)
         if logging_step:
-            dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / (grad_accum * world_size)
+            # a copy: loss_sum stays this rank's own, which the spike check below compares with its history
+            global_loss = loss_sum.clone()
+            dist.all_reduce(global_loss)
+            loss_value = global_loss.item() / (grad_accum * world_size)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             steps_in_window = t.log_every if done % t.log_every == 0 else done % t.log_every
             tokens_per_s = tokens_per_step * min(steps_in_window, done - start_step) / elapsed

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch.distributed import free_port
 from tests.conftest import TINY_MODEL, launcher, run_cli
 from tests.test_train import read_jsonl
 
@@ -138,6 +139,22 @@ def test_a_loss_spike_rolls_back_and_skips_its_batches(tiny_data, tmp_path, zero
     assert train[10]["samples"] == train[9]["samples"] + 24 + 8  # step 11 starts after the skipped batches
     assert max(r["loss"] for r in train) < 10  # the spiked update was never applied
     assert [r["step"] for r in read_jsonl(out / "monitors.jsonl")] == [0, 5, 10, 15, 20]
+
+
+def test_two_ranks_logging_every_few_steps_never_see_a_spike_in_a_healthy_run(tiny_data, tmp_path):
+    """The logged loss is the mean over ranks; the spike check compares each rank's own loss with its own
+    history, on logging steps too (an in-place all-reduce once made every logging step W times larger,
+    and with spike_factor < W every one of them rolled back, forever)."""
+    out = tmp_path / "spike2"
+    run_cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "train.py",
+            *TINY_MODEL, f"data.path={tiny_data}", f"train.out_dir={out}", "train.max_steps=20", "train.log_every=5",
+            "train.micro_batch_size=4", "train.save_every=5", "monitor.every=0", "train.spike_factor=1.5",
+            "train.spike_window=5", env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout=300)
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert not [r for r in lines if "rollback_from" in r]
+    assert [r["step"] for r in lines if "loss" in r] == [5, 10, 15, 20]
+    entropy = next(r["unigram_entropy"] for r in lines if "unigram_entropy" in r)
+    assert all(abs(r["loss"] - entropy) < 1 for r in lines if "loss" in r)  # the mean over ranks, not their sum
 
 
 def test_a_build_lock_left_by_a_killed_build_is_named_not_waited_on(tiny_data, tmp_path):
