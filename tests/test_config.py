@@ -47,3 +47,26 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _ in schema_fields() if f"`{key}`" not in readme]
     assert not missing, f"README.md lacks {missing}: regenerate the table with `python -m configs`"
+
+
+def test_a_run_config_from_before_a_key_existed_loads_as_it_ran(tmp_path):
+    """A config.yaml that Fathom wrote before model.head_bias (format 0, no schema_version) ran without
+    a head bias: it loads with head_bias=none, and a sweep cell of that time is reproducible from it. A
+    hand-written file without the key gets today's default."""
+    from omegaconf import OmegaConf
+
+    from configs import saved_config, to_yaml
+
+    old = ROOT / "bench/results/sweep_cpu/vanilla-L48-gpt2/config.yaml"
+    assert "head_bias" not in old.read_text() and "schema_version" not in old.read_text()
+    for cfg in (load_config([old]), saved_config(OmegaConf.load(old))):
+        assert (cfg.model.head_bias, cfg.model.shaped.temperature, cfg.model.spectral.init) == ("none", "width", "equal")
+        assert (cfg.train.final_eval_windows, cfg.model.depth_scaling.alpha, cfg.schema_version) == (0, 0.0, 1)
+        assert (cfg.model.n_layers, cfg.model.init) == (48, "gpt2")  # what it holds is kept
+    # written today: versioned, and read back unchanged
+    today = load_config(["configs/methods/vanilla.yaml"])
+    (tmp_path / "config.yaml").write_text(to_yaml(today))
+    assert "schema_version: 1" in to_yaml(today) and load_config([tmp_path / "config.yaml"]) == today
+    # a person's own partial file is no run config: the keys it leaves out take today's defaults
+    (tmp_path / "mine.yaml").write_text("model: {n_layers: 48}\n")
+    assert load_config([tmp_path / "mine.yaml"]).model.head_bias == "log_unigram"

@@ -243,3 +243,26 @@ def test_a_single_file_gets_a_deterministic_validation_split(tmp_path):
     assert "".join(p for _, p in pieces) == book
     tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
     assert tokens == len(book.encode()) + len(train) + len(val)  # each piece ends with end-of-text
+
+
+def test_the_final_evaluation_windows_are_one_fixed_sample_spread_over_the_whole_split(tiny_data):
+    """train.final_eval_windows: the same windows for every run of a data set, whatever its seed (no
+    train.seed reaches them) or world size, one from each equal stretch of the val split."""
+    from data.loader import ValBatches, spread_sample
+
+    ids = spread_sample(10_000, 1024)
+    assert len(set(ids)) == 1024 and np.array_equal(ids, spread_sample(10_000, 1024))
+    stretch = 10_000 / 1024
+    assert all(np.floor(i / stretch) == k for k, i in enumerate(ids))  # one per stretch: the whole split is covered
+    assert np.array_equal(spread_sample(7, 1024), np.arange(7))  # a small split is taken whole
+
+    def windows(world_size):
+        batches = [ValBatches(tiny_data, 16, 4, 0, world_size, rank, spread=12) for rank in range(world_size)]
+        rows = [row for b in batches for x, y, mask in b.batches() for row, m in zip(x, mask) if m]
+        return batches[0], sorted(tuple(r.tolist()) for r in rows)
+
+    one, seen = windows(1)
+    assert one.num_windows == 12 and seen == windows(2)[1]
+    total = one.data.parts[0].num_windows
+    picks = one.data.picks[0]
+    assert picks[0] < total / 12 and picks[-1] >= total - total / 12
