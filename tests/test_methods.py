@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from configs import load_config
 from model import Transformer
-from model.attention import MIXERS, CausalSelfAttention, cumsum_as_last_dim, cumulative_mean
+from model.attention import MIXERS, CausalSelfAttention, chunked_cumsum, cumulative_mean
 from model.metrics import t_sim
 from model.residual import SimilaritySurgery, Unchanged
 
@@ -58,11 +58,17 @@ def test_cumulative_mean_is_C_times_v():
     assert torch.allclose(cumulative_mean(v), C @ v, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,dim", [((3, 7, 5), -2), ((2, 3, 7, 4), 2), ((2, 3, 7, 4), 1)])
-def test_the_cuda_scan_layout_is_the_same_cumsum(shape, dim):
-    # cumulative_mean's CUDA path: the CPU has no CUDA, but the layout change is device-independent
+@pytest.mark.parametrize("shape,dim,chunk", [((3, 7, 5), -2, 4), ((2, 3, 7, 4), 2, 3), ((2, 3, 7, 4), 1, 2),
+                                             ((2, 4, 2048, 16), -2, 64), ((2, 5, 8), 1, 64)])
+def test_the_chunked_cumsum_equals_torch_cumsum(shape, dim, chunk):
+    """cumulative_mean's GPU path (matmuls, no scan), run here on the CPU: equal to torch.cumsum within
+    fp32 rounding, for chunks that divide T, that do not, and that exceed it."""
     x = torch.randn(shape, dtype=torch.bfloat16)
-    assert torch.equal(cumsum_as_last_dim(x, dim, torch.float32), torch.cumsum(x, dim=dim, dtype=torch.float32))
+    exact = torch.cumsum(x.double(), dim=dim)
+    chunked = chunked_cumsum(x, dim, torch.float32, chunk)
+    assert chunked.dtype == torch.float32 and chunked.shape == exact.shape
+    scale = x.double().abs().cumsum(dim)  # fp32 rounding grows with the running sum of magnitudes
+    assert torch.all((chunked.double() - exact).abs() <= 1e-6 * scale + 1e-6)
 
 
 # ---- 1. equations: the SDPA path equals the explicit T×T formula ------------------------------
