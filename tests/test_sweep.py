@@ -150,3 +150,41 @@ def test_depth_tables_read_each_cells_own_logs(tmp_path):
     # the gradient ratio keeps two figures, so that 1.2 is not printed as 1
     assert "| `vanilla` | 1.2 / 2.20 → 2.00; 6.3e-11 / 2.30 → 2.10 | – |" in text
     assert "| `pre` | – | 48 / 2.70 → 2.50 |" in text
+
+
+def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
+    """bench/lr_transfer.py: curves by (preset, alpha) from each cell's config.yaml, the unscaled cells
+    at L_base standing in the scaled curve, the best lr per depth in bold, and the transfer rule (the
+    shallow best lr, or one grid step away within 0.02 nats)."""
+    from bench.lr_transfer import curves, tables
+    from configs import load_config, to_yaml
+    from launch.sweep import COLUMNS
+
+    rows = []
+
+    def cell(depth, lr, alpha, loss, status="ok"):
+        method = f"vanilla+train.lr={lr}" + (f"+model.depth_scaling.alpha={alpha}" if alpha else "")
+        run = tmp_path / f"{method}-L{depth}-s1"
+        run.mkdir()
+        cfg = load_config(["configs/methods/vanilla.yaml"], [f"model.n_layers={depth}", f"train.lr={lr}",
+                                                            f"model.depth_scaling.alpha={alpha}"])
+        (run / "config.yaml").write_text(to_yaml(cfg))
+        rows.append(dict(method=method, depth=depth, init="preset", seed=1, status=status, final_val_loss=loss + 0.1,
+                         final_eval_loss=loss))
+
+    for lr, loss in ((1e-3, 2.30), (3e-3, 2.20), (1e-2, 2.40)):
+        cell(12, lr, 0, loss)
+    for lr, loss in ((1e-3, 2.36), (3e-3, 2.35), (1e-2, 2.50)):  # best one step off, within 0.02: transfers
+        cell(48, lr, 1, loss)
+    for lr, loss, status in ((1e-3, 2.40, "ok"), (3e-3, 3.20, "stalled"), (1e-2, 9.0, "diverged")):
+        cell(48, lr, 0, loss, status)
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    data = curves([tmp_path])
+    assert data["vanilla", 1.0][12] == data["vanilla", 0.0][12]  # at L_base the scaled run is the unscaled one
+    text = tables(data)
+    assert "| 48 | 2.360 | **2.350** | 2.500 | 0.003 | yes |" in text
+    assert "| 48 | **2.400** | 3.200 | x | 0.001 | no |" in text
+    assert "| 12 | 2.300 | **2.200** | 2.400 | 0.003 | – |" in text
