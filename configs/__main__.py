@@ -1,7 +1,7 @@
 """The reference of every config key as a Markdown table, from the schema.
 
-    python -m configs                  print it
-    python -m configs --update-readme  rewrite the table between README.md's key markers
+    python -m configs                 print it
+    python -m configs --update-docs   rewrite the table between docs/configuration.md's key markers
 """
 
 import re
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from configs import schema_fields
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def markdown_table():
@@ -21,11 +21,14 @@ def markdown_table():
     return "\n".join(rows)
 
 
-def update_readme():
-    text = README.read_text()
+def update_docs():
+    text = DOCS.read_text()
     pattern = re.compile(r"(<!-- keys:[^\n]*-->\n).*?(\n<!-- /keys -->)", re.S)
-    README.write_text(pattern.sub(lambda m: m.group(1) + markdown_table() + m.group(2), text))
+    text, found = pattern.subn(lambda m: m.group(1) + markdown_table() + m.group(2), text)
+    if not found:  # a table moved without its markers would otherwise go stale without a word
+        sys.exit(f"error: {DOCS} has no <!-- keys: ... --> ... <!-- /keys --> markers")
+    DOCS.write_text(text)
 
 
 if __name__ == "__main__":
-    update_readme() if "--update-readme" in sys.argv else print(markdown_table())
+    update_docs() if "--update-docs" in sys.argv else print(markdown_table())
