@@ -57,7 +57,7 @@ def schema_fields(cls=FathomConfig, prefix=""):
 def _unknown_key(key):
     keys = [k for k, _ in schema_fields()]
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else "see the key table in README.md"
+    hint = f"did you mean {close[0]}?" if close else "see the key table in docs/configuration.md"
     return ConfigError(f"unknown config key {key!r}: {hint}")
 
 

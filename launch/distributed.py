@@ -107,6 +107,6 @@ def check_ranks_agree(facts, rank):
             if rank == 0:
                 print(f"error: rank {other} on {host} resolved another {differs[0]} than rank 0 on {host0} "
                       f"({seen[differs[0]]} vs {reference[differs[0]]}): every node must see the same data.path, "
-                      "train.out_dir (checkpoints) and config (see README, \"What must be shared between nodes\")",
+                      "train.out_dir (checkpoints) and config (see docs/checkpointing.md, \"What must be shared between nodes\")",
                       file=sys.stderr)
             raise SystemExit(2)

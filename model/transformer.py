@@ -65,7 +65,7 @@ class Transformer(nn.Module):
         self.final_norm = final_norm(cfg)
         # A tied head without a bias can emit the unigram distribution (what an LM learns first) only
         # through one vector shared by every final state, which training writes into every layer and
-        # post-norm compounds with depth: the bias gives it a place of its own (see README, confounds).
+        # post-norm compounds with depth: the bias gives it a place of its own (docs/results_confounds.md).
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias != "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight

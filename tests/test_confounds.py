@@ -1,4 +1,4 @@
-"""The switches behind the confounds of a method comparison (README "Confounds"): the LM head's bias
+"""The switches behind the confounds of a method comparison (docs/results_confounds.md): the LM head's bias
 and tying, each preset's init, the shaped temperature, the spectral spread at init, and collapse
 called by cosine or stable rank."""
 

@@ -99,7 +99,7 @@ GUARD_MATRIX = [(ranks, zero, precision) for ranks in (1, 2) for zero in (0, 1, 
 @pytest.mark.parametrize("ranks,zero,precision", GUARD_MATRIX, ids=[f"{r}rank-zero{z}-{p}" for r, z, p in GUARD_MATRIX])
 def test_non_finite_steps_are_skipped_named_and_stop_with_the_last_good_weights(tiny_data, tmp_path, ranks, zero,
                                                                                  precision):
-    """The guard under every ZeRO stage and precision (the README's fault table): DeepSpeed's wrappers
+    """The guard under every ZeRO stage and precision (the fault table in docs/checkpointing.md): DeepSpeed's wrappers
     skip the step themselves, the bare fp32 optimizer through GuardedAdamW; Fathom logs each skip,
     names the layer, and after train.max_bad_steps in a row stops with exit 3 and a checkpoint."""
     from model.pretrained import consolidated_state_dict
