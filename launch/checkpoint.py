@@ -15,7 +15,6 @@ process group or GPU is set up.
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -23,23 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs import ConfigError, saved_config
-from launch.run_dir import RunDir, fsync_dir, write_atomically
-
-MARKER = "fathom_complete.json"
-TAG = re.compile(r"step_(\d{8})")
-
-
-def tag_name(step):
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(directory):
-    """Complete checkpoint folders, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if TAG.fullmatch(p.name) and (p / MARKER).is_file())
-
+from launch.run_dir import MARKER, TAG, RunDir, complete_checkpoints, fsync_dir, tag_name, write_atomically
 
 @dataclass
 class ResumePoint:

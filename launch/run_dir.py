@@ -15,9 +15,26 @@ file is only ever rewritten through a temporary file and a rename. This module i
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+
+# a checkpoint folder (checkpoints/step_00001200) and the marker that makes it complete (launch/checkpoint.py)
+MARKER = "fathom_complete.json"
+TAG = re.compile(r"step_(\d{8})")
+
+
+def tag_name(step):
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(directory):
+    """Complete checkpoint folders, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if TAG.fullmatch(p.name) and (p / MARKER).is_file())
 
 
 class RunDir:
@@ -33,8 +50,6 @@ class RunDir:
 
     def describe_run(self):
         """What an earlier run left here ("checkpoints up to step 20, metrics up to step 20"), or None."""
-        from launch.checkpoint import complete_checkpoints
-
         found = []
         done = complete_checkpoints(self.checkpoints)
         if done:
