@@ -2,11 +2,12 @@
 
 A tiny model of every preset is trained a few steps in-process and saved by save_pretrained (the
 CLI's code path), one per tokenizer kind in turn; a bf16 run of train.py goes through
-model.export's main. One isolated interpreter (`python -I`, cwd outside the checkout) loads them
+model.export's main. One isolated interpreter (`python -I -S`, cwd outside the checkout) loads them
 all with AutoModelForCausalLM / AutoTokenizer and writes what it computed for the comparisons here.
 """
 
 import json
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ NEW_TOKENS = 12
 
 LOAD = """
 import importlib.util, json, sys
+sys.path += json.loads(sys.argv.pop(1))
 import torch
 assert importlib.util.find_spec("model") is None and importlib.util.find_spec("configs") is None, sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,9 +92,14 @@ def exports(tiny_data, tmp_path_factory):
     out[str(root / "bf16")] = model, load_tokenizer(data_path / meta["tokenizer"]["file"])
     (root / "isolated").mkdir()
     (root / "isolated" / "load.py").write_text(LOAD)
-    subprocess.run([sys.executable, "-I", "load.py", json.dumps(TEXTS), str(NEW_TOKENS), *out], cwd=root / "isolated",
-                   env={"HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                   stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True, timeout=600)
+    # -S: site-packages join the path without their .pth files, one of which is the hook through
+    # which an editable install of Fathom makes `model` importable from anywhere
+    site_packages = json.dumps(site.getsitepackages())
+    loaded = subprocess.run([sys.executable, "-I", "-S", "load.py", site_packages, json.dumps(TEXTS), str(NEW_TOKENS),
+                             *out], cwd=root / "isolated",
+                            env={"HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
     return out, torch.load(root / "isolated" / "results.pt")
 
 
