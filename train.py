@@ -20,7 +20,7 @@ from configs import ConfigError, exit_on_error, load_config, to_yaml
 from data.meta import data_fingerprint
 from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
-from launch.deepspeed_config import deepspeed_config, grad_accum_steps
+from launch.deepspeed_config import deepspeed_config, gathered, grad_accum_steps
 from launch.distributed import check_extension_build_locks, fill_launcher_env
 from launch.run_dir import RunDir, write_atomically
 
@@ -171,7 +171,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     from launch.run_log import RunLog
     from model import Transformer
     from model.flops import flops_per_token, peak_tflops
-    from model.monitors import CollapseMonitor
+    from monitors.collapse import CollapseMonitor
 
     rank, world_size, _ = init_distributed()
     check_ranks_agree({"resume step": resume.step if resume else 0, "tokenizer": meta["tokenizer"]["hash"],
@@ -195,9 +195,9 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
     torch.manual_seed(t.seed)
     # ZeRO-3 partitions every parameter as it is created, so no rank ever holds the whole model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=t.zero_stage == 3):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model, gather=gathered)
     if cfg.model.head_bias == "log_unigram":
-        model.init_head_bias(train_token_counts(data_path, meta))
+        model.init_head_bias(train_token_counts(data_path, meta), gather=gathered)
     # what this rank holds right after construction (a partition of each parameter under ZeRO-3)
     held = torch.tensor([float(sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters()))],
                         device=get_accelerator().current_device_name())

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs import exit_on_error, load_config  # noqa: E402
-from model.probe import held_out_tokens, probe  # noqa: E402
+from monitors.probe import held_out_tokens, probe  # noqa: E402
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 

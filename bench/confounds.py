@@ -1,5 +1,5 @@
 """The confound table: each change to a preset, its val loss (mean and spread over seeds) on each
-corpus, and the deepest layer's cosine and stable rank; from the cells of launch/sweep.py runs.
+corpus, and the deepest layer's cosine and stable rank; from the cells of tools/sweep.py runs.
 
     python bench/confounds.py --corpus bytes=bench/results/confounds_bytes \
         --corpus fortunes=bench/results/confounds_fortunes --output bench/results/confounds.md

@@ -1,4 +1,4 @@
-"""The depth tables of a launch/sweep.py run: per method and depth, the val loss (mean and spread
+"""The depth tables of a tools/sweep.py run: per method and depth, the val loss (mean and spread
 over seeds) and how far below the unigram entropy it ends; then the deepest layer's cosine and
 stable rank and the number of collapsed layers at the end, one entry per seed; then what the
 training did, from each cell's own logs: the first layer's gradient norm relative to the last
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.confounds import mean_spread, read_rows  # noqa: E402
 from launch.run_dir import RunDir, read_jsonl  # noqa: E402
-from launch.sweep import cell_dir, row_cell  # noqa: E402
+from tools.sweep import cell_dir, row_cell  # noqa: E402
 
 
 def dynamics(directory, row):
@@ -61,7 +61,7 @@ def tables(directory):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", help="a launch/sweep.py output directory (its results.csv)")
+    ap.add_argument("sweep", help="a tools/sweep.py output directory (its results.csv)")
     ap.add_argument("--output", required=True, help="the Markdown file to write")
     args = ap.parse_args(argv)
     text = tables(args.sweep)

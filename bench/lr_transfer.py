@@ -1,4 +1,4 @@
-"""Learning-rate transfer across depth, from launch/sweep.py cells: loss against lr, one curve per
+"""Learning-rate transfer across depth, from tools/sweep.py cells: loss against lr, one curve per
 depth, with and without model.depth_scaling, and where the best lr holds.
 
     python bench/lr_transfer.py bench/results/lr_transfer --output bench/results/lr_transfer/transfer.md
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.confounds import read_rows  # noqa: E402
 from configs import saved_config  # noqa: E402
 from launch.run_dir import RunDir  # noqa: E402
-from launch.sweep import cell_dir, row_cell  # noqa: E402
+from tools.sweep import cell_dir, row_cell  # noqa: E402
 
 TOLERANCE = 0.02
 
@@ -115,7 +115,7 @@ def plot(data, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweeps", nargs="+", help="launch/sweep.py output directories")
+    ap.add_argument("sweeps", nargs="+", help="tools/sweep.py output directories")
     ap.add_argument("--output", required=True, help="the Markdown file to write; the plot goes beside it as .png")
     args = ap.parse_args(argv)
     data = curves(args.sweeps)

@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from configs import load_config  # noqa: E402
 from model import Transformer  # noqa: E402
-from model.monitors import CollapseMonitor  # noqa: E402
+from monitors.collapse import CollapseMonitor  # noqa: E402
 
 
 class Quiet:

@@ -1,6 +1,6 @@
 """The one schema of Fathom's configuration: keys, types, defaults, allowed values and help.
 
-Everything that reads a config (train.py, model.probe, the tests, the key table in docs/configuration.md) goes through
+Everything that reads a config (train.py, monitors.probe, the tests, the key table in docs/configuration.md) goes through
 these dataclasses. This module imports no torch, so a bad config fails in a fraction of a second.
 Each field's metadata may hold `help`, `choices` and `check` (a predicate plus the text naming
 what is allowed); `configs.load` turns a violation into one line naming the key.

@@ -1,6 +1,6 @@
 """The data a config names: data.path, data.mix, or the built-in corpus (prepared on first use), checked.
 
-Shared by train.py and the tools that load a run (model.probe, model.evaluate, model.export), so
+Shared by train.py and the tools that load a run (monitors.probe, tools.evaluate, tools.export), so
 that none of them imports train.py. Reads JSON and file sizes only: a bad data directory stops a
 run before any process group or GPU is set up.
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 from configs import ConfigError, saved_config
 from launch.run_dir import MARKER, TAG, RunDir, complete_checkpoints, fsync_dir, tag_name, write_atomically
 
+
 @dataclass
 class ResumePoint:
     path: Path

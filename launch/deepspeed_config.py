@@ -1,5 +1,6 @@
 """The DeepSpeed config generated from Fathom's, so that one YAML drives every launcher."""
 
+import contextlib
 import json
 
 from configs import ConfigError
@@ -47,3 +48,13 @@ def merge(base, extra):
         else:
             base[key] = value
     return base
+
+
+def gathered(p):
+    """The model's `gather` (model/init.py): a ZeRO-3 partition is whole for the block, then
+    re-partitioned with rank 0's values, so every rank keeps the same init."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    return contextlib.nullcontext()

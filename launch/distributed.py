@@ -47,8 +47,9 @@ def check_extension_build_locks():
     DeepSpeed JIT-compiles C++ ops on first use (its CPU comm op on every CPU run, CPU Adam for
     offload) into TORCH_EXTENSIONS_DIR under a `lock` file. A build killed half-way (Ctrl-C, a
     job's time limit) leaves the file, and every later run waits on it forever without a word."""
-    from configs import ConfigError
     from torch.utils.cpp_extension import get_default_build_root
+
+    from configs import ConfigError
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # with and without the pyXY_cu tag

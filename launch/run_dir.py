@@ -2,17 +2,20 @@
 
     OUT_DIR/config.yaml      the resolved config of the latest start
     OUT_DIR/metrics.jsonl    training, validation, data, guard and rollback lines, one per logged step
-    OUT_DIR/monitors.jsonl   per-layer collapse metrics (model/monitors.py)
-    OUT_DIR/eval.jsonl       results of `python -m model.evaluate`
+    OUT_DIR/monitors.jsonl.gz  per-layer collapse metrics (monitors/collapse.py); runs from before
+                             0.1.0 have a plain monitors.jsonl, which is read and extended as it is
+    OUT_DIR/eval.jsonl       results of `python -m tools.evaluate`
     OUT_DIR/tensorboard/     event files (and torch.profiler traces of train.profile_steps)
     OUT_DIR/wandb/, wandb_id the W&B run of train.wandb_project, resumed by id on every start
     OUT_DIR/checkpoints/     step_NNNNNNNN folders, complete once they hold Fathom's marker (launch/checkpoint.py)
 
-JSON-lines files are appended a whole line at a time. A kill or a full disk can still cut the last
-line short: reading drops such a line with a warning instead of failing every later resume, and a
-file is only ever rewritten through a temporary file and a rename. This module imports no torch.
+JSON-lines files are appended a whole line at a time (a .gz one a gzip member per line, which
+gzip readers and zcat join). A kill or a full disk can still cut the last line short: reading
+drops such a line with a warning instead of failing every later resume, and a file is only ever
+rewritten through a temporary file and a rename. This module imports no torch.
 """
 
+import gzip
 import json
 import os
 import re
@@ -42,11 +45,15 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.metrics = self.path / "metrics.jsonl"
-        self.monitors = self.path / "monitors.jsonl"
         self.eval = self.path / "eval.jsonl"
         self.tensorboard = self.path / "tensorboard"
         self.checkpoints = self.path / "checkpoints"
         self.wandb_id = self.path / "wandb_id"
+
+    @property
+    def monitors(self):
+        plain = self.path / "monitors.jsonl"
+        return plain if plain.is_file() else self.path / "monitors.jsonl.gz"
 
     def describe_run(self):
         """What an earlier run left here ("checkpoints up to step 20, metrics up to step 20"), or None."""
@@ -66,13 +73,25 @@ class RunDir:
         return aside
 
 
+def _open(path, mode):
+    return gzip.open(path, mode + "t") if Path(path).suffix == ".gz" else open(path, mode)
+
+
 def read_jsonl(path, last_step=None):
-    """The records of a JSON-lines file (those with step <= last_step, if given). A last line cut
-    short is dropped with a warning; a bad line elsewhere means the file was edited: named, and fatal."""
+    """The records of a JSON-lines file, plain or gzipped (those with step <= last_step, if given). A
+    last line cut short is dropped with a warning; a bad line elsewhere means the file was edited:
+    named, and fatal."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines, cut = [], False
+    with _open(path, "r") as f:
+        try:
+            for line in f:
+                lines.append(line)
+        except EOFError:  # the last gzip member lost its end: what it held so far is in `lines`
+            cut = True
+    lines = [line for line in lines if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:
@@ -80,17 +99,24 @@ def read_jsonl(path, last_step=None):
         except ValueError:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}: line {i + 1} is not JSON (edited by hand?): fix or delete that line") from None
-            print(f"warning: {path}: the last line was cut short (a kill or a full disk during a write); "
-                  "dropped", file=sys.stderr)
+            cut = True
+    if cut:
+        print(f"warning: {path}: the last line was cut short (a kill or a full disk during a write); "
+              "dropped", file=sys.stderr)
     return [r for r in records if last_step is None or r.get("step", 0) <= last_step]
 
 
-def write_atomically(path, text):
-    """Replace path's content all at once: a crash leaves the old file or the new one, never half."""
+def append_jsonl(path, record):
+    with _open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_atomically(path, content):
+    """Replace path's content (str or bytes) all at once: a crash leaves the old file or the new one, never half."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -98,7 +124,8 @@ def write_atomically(path, text):
 
 
 def rewrite_jsonl(path, records):
-    write_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    write_atomically(path, gzip.compress(text.encode(), mtime=0) if Path(path).suffix == ".gz" else text)
 
 
 def fsync_dir(path):

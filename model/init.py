@@ -1,8 +1,9 @@
 """Weight init: a base scheme for every matrix (`model.init`), then each method's own init on top.
 
 Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so each parameter is already a
-partition here: it is gathered one at a time to be initialized (rank 0's values are kept), which
-keeps the memory of a model larger than one rank bounded and the random draws in the same order.
+partition here: the trainer passes `gather` (launch/deepspeed_config.py), which gathers one at a
+time to be initialized (rank 0's values are kept). That keeps the memory of a model larger than
+one rank bounded and the random draws in the same order, and keeps DeepSpeed out of the model.
 """
 
 import contextlib
@@ -34,32 +35,27 @@ def full_shape(p):
     return getattr(p, "ds_shape", p.shape)
 
 
-def full(p):
-    """The whole parameter for the duration of the block (a ZeRO-3 partition is gathered, then
-    re-partitioned with rank 0's values); a no-op otherwise."""
-    if hasattr(p, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+def whole(p):
+    """`gather` for parameters that are whole on every rank (everything but ZeRO-3)."""
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
-def init_weights(model, cfg):
+def init_weights(model, cfg, gather=whole):
     # Only matrices: norms, shaped gains and spectral eigenvalues keep their constructors' values.
     # The spectral basis is a matrix too, but its scale is irrelevant: only its Q factor is used.
     for name, p in model.named_parameters():
         if len(full_shape(p)) == 2:
-            with full(p):
+            with gather(p):
                 base_init_(name, p, cfg.init, cfg.n_layers)
     if model.lm_head.bias is not None:
-        with full(model.lm_head.bias):
+        with gather(model.lm_head.bias):
             model.lm_head.bias.zero_()  # log_unigram is set from the data by the trainer (init_head_bias)
     for block in model.blocks:
         if cfg.qk_init == "xavier":
             # "Mind the Gap" starts W_Q, W_K Xavier-normal: then A is a Markov matrix with a real spectral
             # gap; at std 0.02 A is nearly C and A - C nearly 0, so gap removal would start as an MLP stack
-            with full(block.attn.query_key.weight):
+            with gather(block.attn.query_key.weight):
                 for w in block.attn.query_key.weight.chunk(2):
                     nn.init.xavier_normal_(w)
     for block in model.blocks:
@@ -67,8 +63,8 @@ def init_weights(model, cfg):
         if beta != 1.0:
             for name, p in block.named_parameters():
                 if name in DEEPNORM_BRANCH:
-                    with full(p):
+                    with gather(p):
                         p.mul_(beta)
         if block.attn.mixer.zero_query_init:
-            with full(block.attn.query_key.weight):
+            with gather(block.attn.query_key.weight):
                 block.attn.query_key.weight[: cfg.d_model].zero_()

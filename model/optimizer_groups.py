@@ -45,7 +45,7 @@ def stream_parameters(model):
 def parameter_groups(model, train):
     """AdamW groups for `model` under the train config: [{"name", "params", "lr", "eps", "weight_decay"}].
     Without depth scaling two groups, decayed matrices then the rest (the order the fp32 master
-    weights of a checkpoint are read back in, model/pretrained.py); with it, stream then branch, each
+    weights of a checkpoint are read back in, tools/pretrained.py); with it, stream then branch, each
     split the same way. Empty groups are left out."""
     cfg = model.config.depth_scaling
     trained = [p for p in model.parameters() if p.requires_grad]

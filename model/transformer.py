@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from configs.schema import ModelConfig
 from model.attention import CausalSelfAttention
-from model.init import init_weights
+from model.init import init_weights, whole
 from model.residual import (
     SimilaritySurgery,
     Unchanged,
@@ -56,7 +56,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """`Transformer(cfg)(idx)` maps token ids [B, T] to logits [B, T, vocab]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gather=whole):
         super().__init__()
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -71,7 +71,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.token_embedding.weight
         # recompute every k-th block in backward (0 = off); set by the trainer, not part of the model
         self.checkpoint_every = 0
-        init_weights(self, cfg)
+        init_weights(self, cfg, gather)
 
     def forward(self, idx, cache=None):
         """Logits for idx. With a DecodeCache (model/decode.py), idx holds only the positions after
@@ -91,22 +91,13 @@ class Transformer(nn.Module):
         return self.lm_head(self.final_norm(x))
 
     @torch.no_grad()
-    def init_head_bias(self, token_counts):
+    def init_head_bias(self, token_counts, gather=whole):
         """model.head_bias=log_unigram: the output bias starts at the log of the training split's token
         frequencies, so the untrained model already predicts the unigram distribution. Tokens the
         split never holds get half a count (log 0 would be -inf; softmax renormalizes the excess)."""
-        from model.init import full
-
         counts = torch.as_tensor(token_counts, dtype=torch.float64)
-        with full(self.lm_head.bias):
+        with gather(self.lm_head.bias):
             self.lm_head.bias.copy_((counts.clamp_min(0.5) / counts.sum()).log())
-
-    @classmethod
-    def from_pretrained(cls, directory):
-        """A model exported by `python -m model.export` (model.safetensors + config.yaml)."""
-        from model.pretrained import from_pretrained
-
-        return from_pretrained(directory)
 
     def num_parameters(self):
         """All parameters, also when ZeRO-3 holds only a partition of each on this rank."""

@@ -11,7 +11,7 @@ import torch
 from configs import load_config
 from data.meta import read_prepared, train_token_counts
 from model import Transformer
-from model.metrics import collapsed, cos_sim, stable_rank
+from monitors.metrics import collapsed, cos_sim, stable_rank
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 
@@ -45,7 +45,7 @@ def test_log_unigram_bias_is_the_log_of_the_training_split_frequencies(tiny_data
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_tied_and_untied_heads(tie, tmp_path):
-    from model.pretrained import save_pretrained
+    from tools.pretrained import from_pretrained, save_pretrained
 
     cfg = load_config([], ["model.n_layers=2", "model.d_model=16", "model.n_heads=4", "model.vocab_size=50",
                            f"model.tie_embeddings={tie}", "model.head_bias=zero"])
@@ -60,7 +60,7 @@ def test_tied_and_untied_heads(tie, tmp_path):
                                                                    "model.n_heads=4", "model.vocab_size=50",
                                                                    "model.head_bias=none"]).model).num_parameters() + extra + 50
     save_pretrained(model, cfg, tmp_path)
-    loaded = Transformer.from_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path)
     idx = torch.randint(0, 50, (1, 8))
     assert torch.equal(loaded(idx), model.eval()(idx))
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from configs import load_config
-from model import Transformer
 from launch.run_dir import read_jsonl
+from model import Transformer
 from tests.conftest import STEPS, losses, train
 
 

@@ -2,7 +2,7 @@
 
 A tiny model of every preset is trained a few steps in-process and saved by save_pretrained (the
 CLI's code path), one per tokenizer kind in turn; a bf16 run of train.py goes through
-model.export's main. One isolated interpreter (`python -I -S`, cwd outside the checkout) loads them
+tools.export's main. One isolated interpreter (`python -I -S`, cwd outside the checkout) loads them
 all with AutoModelForCausalLM / AutoTokenizer and writes what it computed for the comparisons here.
 """
 
@@ -19,9 +19,9 @@ from configs import load_config
 from data.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from model import Transformer
 from model.decode import generate
-from model.export import main as export_main
-from model.pretrained import load_run, save_pretrained
 from tests.conftest import ROOT, TINY_MODEL, run_cli, train_tiny
+from tools.export import main as export_main
+from tools.pretrained import load_run, save_pretrained
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
 TEXTS = ["def foo(x):\n    return  x + 1\n", "  héllo wörld 日本 12345\t\n\n", "import os"]
@@ -180,8 +180,8 @@ def test_a_new_transformers_model_keeps_the_methods_init():
     the model says otherwise: DeepNorm's beta and shaped attention's zero W_Q would be lost."""
     import dataclasses
 
-    from model.hf.configuration_fathom import FathomHFConfig
-    from model.hf.modeling_fathom import FathomForCausalLM
+    from tools.hf.configuration_fathom import FathomHFConfig
+    from tools.hf.modeling_fathom import FathomForCausalLM
 
     for preset in ("deepnorm", "shaped"):
         cfg = load_config([f"configs/methods/{preset}.yaml"], TINY_MODEL).model

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from configs import load_config
 from model import Transformer
 from model.attention import MIXERS, CausalSelfAttention, chunked_cumsum, cumulative_mean
-from model.metrics import t_sim
 from model.residual import SimilaritySurgery, Unchanged
+from monitors.metrics import t_sim
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 

@@ -10,7 +10,8 @@ import torch
 from configs import load_config
 from model import Transformer
 from model.attention import MIXERS
-from model.metrics import (
+from monitors.collapse import CollapseMonitor, significant
+from monitors.metrics import (
     attention_entropy,
     cos_sim,
     sigma_ratio,
@@ -18,7 +19,6 @@ from model.metrics import (
     stable_rank4,
     t_sim,
 )
-from model.monitors import CollapseMonitor
 from tests.conftest import run_cli, train_tiny
 from tests.test_train import read_jsonl
 
@@ -81,15 +81,17 @@ def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
     monitor = CollapseMonitor(model, model, torch.randint(0, 64, (2, 16)), cfg.monitor, tmp_path, log)
     monitor.record(0)
     monitor.record(10)
-    lines = [json.loads(line) for line in (tmp_path / "monitors.jsonl").read_text().splitlines()]
+    lines = read_jsonl(tmp_path / "monitors.jsonl.gz")
     assert [r["step"] for r in lines] == [0, 10] and len(lines[0]["layers"]) == 12
+    values = [v for layer in lines[0]["layers"] for v in layer.values() if isinstance(v, float)]
+    assert values and all(v == float(f"{v:.4g}") for v in values)  # written at 4 significant digits
     collapsed = [layer["layer"] for layer in lines[0]["layers"] if layer["cos_sim"] >= 0.9]
     assert collapsed and len(log.messages) == len(collapsed)  # once per layer, not per record
     assert f"layer {collapsed[0]} collapsed at step 0 (cos_sim" in log.messages[0]
     assert ("layers/cos_sim/layer_0011", 10) in log.scalars  # per-layer cards in a group of their own
-    assert log.scalars["collapse/deepest_layer_cos_sim", 10] == lines[1]["layers"][-1]["cos_sim"]
+    assert significant(log.scalars["collapse/deepest_layer_cos_sim", 10]) == lines[1]["layers"][-1]["cos_sim"]
     assert log.scalars["collapse/collapsed_layers", 0] == len(collapsed)
-    assert log.scalars["collapse/lowest_stable_rank", 0] == min(x["stable_rank"] for x in lines[0]["layers"])
+    assert significant(log.scalars["collapse/lowest_stable_rank", 0]) == min(x["stable_rank"] for x in lines[0]["layers"])
     ax, colorbar = log.images["collapse_heatmap/cos_sim", 10].axes
     assert (ax.get_xlabel(), ax.get_ylabel(), colorbar.get_ylabel()) == ("step", "layer", "cos_sim")
     assert ax.images[0].get_clim() == (0, 1)  # a fixed colour range: steps and runs compare
@@ -104,23 +106,23 @@ def test_monitors_do_not_change_the_trajectory(tiny_run, unmonitored_run):
     monitored = [r["loss"] for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
     plain = [r["loss"] for r in read_jsonl(unmonitored_run / "metrics.jsonl") if "loss" in r]
     assert monitored == plain
-    assert not (unmonitored_run / "monitors.jsonl").exists()
+    assert not (unmonitored_run / "monitors.jsonl.gz").exists()
 
 
 def test_monitor_file_and_plots_of_a_real_run(tiny_run, tmp_path):
-    lines = read_jsonl(tiny_run / "monitors.jsonl")
+    lines = read_jsonl(tiny_run / "monitors.jsonl.gz")
     assert [r["step"] for r in lines] == [0, 10, 20, 30, 40]
     keys = {"layer", "cos_sim", "t_sim", "stable_rank", "stable_rank4", "rms", "attn_entropy", "attn_sigma_ratio",
             "grad_norm", "update_ratio"}
     assert set(lines[1]["layers"][0]) == keys and len(lines[1]["layers"][0]["attn_entropy"]) == 2
     assert all(0 < layer["update_ratio"] < 1 and layer["grad_norm"] > 0 for layer in lines[1]["layers"])
-    proc = run_cli("-m", "model.plot_monitors", "--run", str(tiny_run), "--output", str(tmp_path), "--metrics", "cos_sim")
+    proc = run_cli("-m", "monitors.plot", "--run", str(tiny_run), "--output", str(tmp_path), "--metrics", "cos_sim")
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cos_sim_heatmap.png", "cos_sim_vs_depth.png"]
     assert "cos_sim_heatmap.png" in proc.stdout
 
 
 def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
-    common = ["-m", "model.probe", "--config", "configs/methods/vanilla.yaml", "model.init=fanin", "model.d_model=32",
+    common = ["-m", "monitors.probe", "--config", "configs/methods/vanilla.yaml", "model.init=fanin", "model.d_model=32",
               "model.n_heads=2", f"data.path={tiny_data}", "--json"]
     one = json.loads(run_cli(*common, "model.n_layers=3").stdout)
     assert [r["layer"] for r in one["layers"]] == [0, 1, 2]

@@ -3,6 +3,7 @@ run, resume refuses a changed sample order, torn log lines and hostile files are
 that resolved different data stop at once, the time limit counts from the start, and failed sweep
 cells are retried."""
 
+import gzip
 import json
 import os
 import pickle
@@ -80,13 +81,15 @@ def test_resume_refuses_a_changed_sample_order(used_run, tiny_data, tmp_path, ch
 
 
 def test_torn_last_lines_are_dropped_on_resume(used_run, tiny_data):
-    for name in ("metrics.jsonl", "monitors.jsonl"):
-        with open(used_run / name, "a") as f:
-            f.write('{"step": 7, "loss": 4.2')  # a kill in the middle of a write
+    torn = '{"step": 7, "loss": 4.2'  # a kill in the middle of a write
+    with open(used_run / "metrics.jsonl", "a") as f:
+        f.write(torn)
+    with open(used_run / "monitors.jsonl.gz", "ab") as f:
+        f.write(gzip.compress(torn.encode())[:-6])  # the gzip member loses its end too
     proc = train("python", used_run, tiny_data, "train.max_steps=8", "monitor.every=2")
     assert "the last line was cut short" in proc.stderr
     assert [r["step"] for r in records(used_run)] == list(range(1, 9))
-    assert [r["step"] for r in read_jsonl(used_run / "monitors.jsonl")] == [0, 8]
+    assert [r["step"] for r in read_jsonl(used_run / "monitors.jsonl.gz")] == [0, 8]
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         (used_run / "bad.jsonl").write_text('{"step": 1\n{"step": 2}\n')
         read_jsonl(used_run / "bad.jsonl")
@@ -157,10 +160,10 @@ def test_failed_sweep_cells_are_retried(tiny_data, tmp_path):
     cell = out / "vanilla-L1"
     cell.mkdir(parents=True)
     (cell / "result.json").write_text(json.dumps({"status": "failed (exit 1)"}))  # e.g. an OOM last time
-    proc = run_cli("launch/sweep.py", "--methods", "vanilla", "--depths", "1", "--output", str(out), *COMMON,
+    proc = run_cli("tools/sweep.py", "--methods", "vanilla", "--depths", "1", "--output", str(out), *COMMON,
                    f"data.path={tiny_data}")
     assert "vanilla-L1: failed before, retrying" in proc.stderr
     assert json.loads((cell / "result.json").read_text())["status"] == "ok"
-    again = run_cli("launch/sweep.py", "--methods", "vanilla", "--depths", "1", "--output", str(out), *COMMON,
+    again = run_cli("tools/sweep.py", "--methods", "vanilla", "--depths", "1", "--output", str(out), *COMMON,
                     f"data.path={tiny_data}")
     assert "vanilla-L1: complete, skipped" in again.stderr

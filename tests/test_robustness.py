@@ -102,7 +102,7 @@ def test_non_finite_steps_are_skipped_named_and_stop_with_the_last_good_weights(
     """The guard under every ZeRO stage and precision (the fault table in docs/checkpointing.md): DeepSpeed's wrappers
     skip the step themselves, the bare fp32 optimizer through GuardedAdamW; Fathom logs each skip,
     names the layer, and after train.max_bad_steps in a row stops with exit 3 and a checkpoint."""
-    from model.pretrained import consolidated_state_dict
+    from tools.pretrained import consolidated_state_dict
 
     out = tmp_path / "run"
     program, launch = launcher("torchrun" if ranks == 2 else "python")
@@ -138,7 +138,7 @@ def test_a_loss_spike_rolls_back_and_skips_its_batches(tiny_data, tmp_path, zero
     assert [r["step"] for r in train] == list(range(1, 21))  # the rolled-back steps are logged once
     assert train[10]["samples"] == train[9]["samples"] + 24 + 8  # step 11 starts after the skipped batches
     assert max(r["loss"] for r in train) < 10  # the spiked update was never applied
-    assert [r["step"] for r in read_jsonl(out / "monitors.jsonl")] == [0, 5, 10, 15, 20]
+    assert [r["step"] for r in read_jsonl(out / "monitors.jsonl.gz")] == [0, 5, 10, 15, 20]
 
 
 def test_two_ranks_logging_every_few_steps_never_see_a_spike_in_a_healthy_run(tiny_data, tmp_path):

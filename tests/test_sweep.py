@@ -6,15 +6,15 @@ import json
 import os
 from unittest import mock
 
-import launch.sweep
-from launch.sweep import job_environments
+import tools.sweep
 from tests.conftest import COMMON, records, run_cli
+from tools.sweep import job_environments
 
 GRID = ["--methods", "vanilla,gapfree", "--depths", "1,2", "--inits", "gpt2"]
 
 
 def sweep(out, data, *extra, check=True):
-    return run_cli("launch/sweep.py", *GRID, "--output", str(out), *COMMON, f"data.path={data}", "monitor.every=3",
+    return run_cli("tools/sweep.py", *GRID, "--output", str(out), *COMMON, f"data.path={data}", "monitor.every=3",
                    *extra, check=check)
 
 
@@ -49,21 +49,21 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
 
 def test_a_diverging_cell_is_recorded_not_a_crash(tiny_data, tmp_path):
     out = tmp_path / "sweep"
-    run_cli("launch/sweep.py", "--methods", "vanilla", "--depths", "2", "--output", str(out), *COMMON,
+    run_cli("tools/sweep.py", "--methods", "vanilla", "--depths", "2", "--output", str(out), *COMMON,
             f"data.path={tiny_data}", "train.inject_nonfinite=0:2:10", "train.max_bad_steps=2")
     assert [r["status"] for r in rows(out)] == ["diverged"]
 
 
 def test_init_only_sweep(tiny_data, tmp_path):
     out = tmp_path / "init"
-    run_cli("launch/sweep.py", *GRID, "--inits", "gpt2,fanin", "--init-only", "--output", str(out), *COMMON,
+    run_cli("tools/sweep.py", *GRID, "--inits", "gpt2,fanin", "--init-only", "--output", str(out), *COMMON,
             f"data.path={tiny_data}")
     table = rows(out)
     assert len(table) == 8 and all(r["status"] == "init only" and r["cos_sim_init"] for r in table)
 
 
 def test_bad_sweep_input_is_one_line(tiny_data, tmp_path):
-    proc = run_cli("launch/sweep.py", "--methods", "vanila", "--depths", "2", "--output", str(tmp_path / "s"),
+    proc = run_cli("tools/sweep.py", "--methods", "vanila", "--depths", "2", "--output", str(tmp_path / "s"),
                    f"data.path={tiny_data}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --methods: no preset configs/methods/vanila.yaml"
 
@@ -77,7 +77,7 @@ def test_jobs_split_cores_and_gpus(monkeypatch):
 
 
 def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
-    proc = run_cli("launch/sweep.py", "--depths", "2", "--jobs", "3", "--output", str(tmp_path / "s"),
+    proc = run_cli("tools/sweep.py", "--depths", "2", "--jobs", "3", "--output", str(tmp_path / "s"),
                    f"data.path={tiny_data}", check=False, env={"CUDA_VISIBLE_DEVICES": "0,1"})
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --jobs 3: CUDA_VISIBLE_DEVICES=0,1 lists only 2 GPUs; use --jobs 2 or list more GPUs")
@@ -85,7 +85,7 @@ def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
 
 def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
-    args = ["launch/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "1,2",
+    args = ["tools/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "1,2",
             "--output", str(out), *COMMON, f"data.path={tiny_data}", "monitor.every=3"]
     run_cli(*args)
     table = rows(out)
@@ -95,7 +95,7 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
     saved = (out / "vanilla+model.head_bias=none-L1-s2" / "config.yaml").read_text()
     assert "head_bias: none" in saved and "seed: 2" in saved
     # a sub-grid's report still tables every finished cell in the directory
-    run_cli("launch/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "2", "--report",
+    run_cli("tools/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "2", "--report",
             "--output", str(out), *COMMON, f"data.path={tiny_data}")
     assert [r["seed"] for r in rows(out)] == ["1", "2"]
     # each seed is its own row of heatmap panels, named in the title
@@ -105,8 +105,8 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
         drawn[metric] = shape, sorted(title for title, *_ in panels.values())
         return mock.MagicMock()
 
-    monkeypatch.setattr(launch.sweep, "heatmap_grid", capture)
-    launch.sweep.heatmaps(out, [json.loads(p.read_text()) for p in out.glob("*/result.json")])
+    monkeypatch.setattr(tools.sweep, "heatmap_grid", capture)
+    tools.sweep.heatmaps(out, [json.loads(p.read_text()) for p in out.glob("*/result.json")])
     assert drawn["stable_rank"] == ((2, 1), ["vanilla\n+model.head_bias=none\npreset, seed 1",
                                              "vanilla\n+model.head_bias=none\npreset, seed 2"])
     # every cell is scored on the same spread sample of the val split (tests/test_data.py pins the windows)
@@ -127,7 +127,7 @@ def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypat
 
 def test_depth_tables_read_each_cells_own_logs(tmp_path):
     from bench.depth_table import tables
-    from launch.sweep import COLUMNS
+    from tools.sweep import COLUMNS
 
     def cell(name, depth, seed, val, grad_first):
         run = tmp_path / f"{name}-L{depth}-s{seed}"
@@ -158,7 +158,7 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
     shallow best lr, or one grid step away within 0.02 nats)."""
     from bench.lr_transfer import curves, tables
     from configs import load_config, to_yaml
-    from launch.sweep import COLUMNS
+    from tools.sweep import COLUMNS
 
     rows = []
 

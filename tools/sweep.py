@@ -1,6 +1,6 @@
 """Scaling-depth experiments: every method × depth (× init × seed) through train.py, then one table and plots.
 
-    python launch/sweep.py --config configs/sweeps/bytes.yaml --depths 12,48,96 \
+    python tools/sweep.py --config configs/sweeps/bytes.yaml --depths 12,48,96 \
         --methods vanilla,pre,deepnorm,surgery,spectral,gapfree,shaped --output DIR [key=value ...]
 
 Each cell is one `train.py` run in DIR/<method>-L<depth>[-<init>][-s<seed>]/ with the method's
@@ -23,7 +23,7 @@ cell in DIR: sub-grids run one after another into one directory build one table.
     --slurm       write DIR/sweep.sbatch, a SLURM array job with one task per cell (sbatch it, then
                   run this command again with --report to collect)
     --cell N      run only cell N (what each array task does)
-    --init-only   no training: collapse metrics at init through model.probe, up to any depth
+    --init-only   no training: collapse metrics at init through monitors.probe, up to any depth
 """
 
 import argparse
@@ -222,8 +222,8 @@ def run_grid(args, grid, is_collapsed):
 
 
 def probe_cell(args, cell, tokens):
-    from model.metrics import collapsed
-    from model.probe import probe
+    from monitors.metrics import collapsed
+    from monitors.probe import probe
 
     method, depth, init, seed = cell
     cfg = load_config(*cell_config(args, cell))
@@ -297,7 +297,7 @@ def heatmaps(output, rows):
     """Per-layer cosine and stable rank over training, one panel per cell: <metric>_heatmaps_L<depth>.png
     for each depth. Both, because tokens can collapse onto one line through the origin (stable rank
     1) while their mean cosine stays low."""
-    from model.plot_monitors import metric_grid
+    from monitors.plot import metric_grid
 
     trained = [r for r in rows if r["status"] != "init only"]
     for depth in sorted({r["depth"] for r in trained}):
@@ -332,7 +332,7 @@ def heatmap_grid(panels, shape, metric, label):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from model.plot_monitors import FIXED_RANGES, draw_heatmap
+    from monitors.plot import FIXED_RANGES, draw_heatmap
 
     grids = np.concatenate([grid.ravel() for _, grid, _ in panels.values()])
     value_range = FIXED_RANGES.get(metric) or (np.nanmin(grids), np.nanmax(grids))
@@ -360,7 +360,7 @@ def slurm_script(args, grid):
     path = Path(args.output) / "sweep.sbatch"
     path.write_text(f"""#!/usr/bin/env bash
 # One SLURM array task per cell of this sweep; afterwards collect with:
-#   python launch/sweep.py {argv} --report
+#   python tools/sweep.py {argv} --report
 #SBATCH --job-name=fathom-sweep
 #SBATCH --array=0-{len(grid) - 1}
 #SBATCH --nodes=1
@@ -369,7 +369,7 @@ def slurm_script(args, grid):
 #SBATCH --requeue
 #SBATCH --output={Path(args.output).resolve()}/slurm-%A_%a.out
 cd {ROOT}
-python launch/sweep.py {argv} --cell "$SLURM_ARRAY_TASK_ID"
+python tools/sweep.py {argv} --cell "$SLURM_ARRAY_TASK_ID"
 """)
     return path
 
@@ -418,7 +418,7 @@ def main(argv=None):
         print(f"wrote {slurm_script(args, grid)}: sbatch it ({len(grid)} array tasks)")
         return
     if args.init_only:
-        from model.probe import held_out_tokens
+        from monitors.probe import held_out_tokens
 
         tokens = held_out_tokens(base, base.monitor.batch, base.train.seq_len)
         rows = []
@@ -427,7 +427,7 @@ def main(argv=None):
             print(f"{cell}: cos_sim {rows[-1]['cos_sim_init']:.3f}", file=sys.stderr)
         write_report(args.output, rows)
         return
-    from model.metrics import collapsed
+    from monitors.metrics import collapsed
 
     m = base.monitor
     is_collapsed = functools.partial(collapsed, cos_threshold=m.collapse_threshold,

@@ -1,6 +1,6 @@
 """Loss and perplexity of a trained run over a whole data split.
 
-    python -m model.evaluate --run OUT_DIR [--checkpoint TAG] [--data DIR] [--split val] [--batch 16]
+    python -m tools.evaluate --run OUT_DIR [--checkpoint TAG] [--data DIR] [--split val] [--batch 16]
 
 Every window of seq_len + 1 tokens of the split, in file order (deterministic), batched; prints
 one JSON line and appends it to OUT_DIR/eval.jsonl: {"step", "split", "loss", "ppl", "tokens"}.
@@ -34,7 +34,7 @@ def evaluate_split(model, data_path, split, seq_len, batch, device):
 
 
 def main(argv=None):
-    from model.pretrained import load_run
+    from tools.pretrained import load_run
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="the run directory (train.out_dir)")

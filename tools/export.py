@@ -1,9 +1,9 @@
 """Export a run's checkpoint as consolidated fp32 weights, its config and its tokenizer.
 
-    python -m model.export --run OUT_DIR --output DIR [--checkpoint TAG]
+    python -m tools.export --run OUT_DIR --output DIR [--checkpoint TAG]
 
 Writes DIR/model.safetensors, DIR/config.yaml and the run's tokenizer file, which
-`Transformer.from_pretrained(DIR)` loads; and config.json, its code (modeling_fathom.py and the model
+`tools.pretrained.from_pretrained(DIR)` loads; and config.json, its code (modeling_fathom.py and the model
 files it imports) and a fast tokenizer, which transformers loads without Fathom:
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`, `AutoTokenizer.from_pretrained(DIR)`.
 """
@@ -15,7 +15,7 @@ from configs import ConfigError, exit_on_error
 
 
 def export(run, output, tag=None):
-    from model.pretrained import load_run, save_pretrained
+    from tools.pretrained import load_run, save_pretrained
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):

@@ -1,7 +1,7 @@
 """A Fathom Transformer as a transformers model: AutoModelForCausalLM, generate(), lm-eval.
 
 The model's modules are the Transformer's own, registered under the same names, so one
-model.safetensors serves `Transformer.from_pretrained` and `AutoModelForCausalLM.from_pretrained`
+model.safetensors serves `tools.pretrained.from_pretrained` and `AutoModelForCausalLM.from_pretrained`
 alike, and the forward pass is the Transformer's. generate() decodes with Fathom's DecodeCache
 (model/decode.py): keys, values and the running sums of every cumulative mean, which no
 transformers cache layer holds.
@@ -12,8 +12,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.decode import DecodeCache
-from model.hf.configuration_fathom import FathomHFConfig
 from model.transformer import Transformer
+from tools.hf.configuration_fathom import FathomHFConfig
 
 
 class FathomCache(DecodeCache, Cache):

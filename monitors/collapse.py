@@ -2,16 +2,17 @@
 
 At step 0 and every `monitor.every` steps a fixed probe batch of held-out tokens goes through the
 model (no grad, eval mode; forward hooks, so the model code is untouched) and, for every layer
-(layer 0 = output of the first block), we record the hidden-state metrics of model/metrics.py
-(the same functions as `python -m model.probe`), the entropy of each head's attention rows, and
+(layer 0 = output of the first block), we record the hidden-state metrics of monitors/metrics.py
+(the same functions as `python -m monitors.probe`), the entropy of each head's attention rows, and
 sigma_2/sigma_1 of each head's effective attention matrix (A - C for gap removal, alpha I + beta P -
 gamma C for shaped attention), rebuilt explicitly here, off the training path. On the same steps
 the gradient norm of each block and its update-to-weight ratio |dW| / |W| are taken around the
 optimizer step through DeepSpeed's safe_get_full_* helpers, so every ZeRO stage gives full values.
 
 Every rank runs the probe (ZeRO-3 gathers parameters collectively); rank 0 writes
-`monitors.jsonl`, TensorBoard's run-level summaries first (`collapse/`: the deepest layer's cosine,
-the lowest stable rank, the number of collapsed layers), per-layer scalars in a group of their own
+`monitors.jsonl.gz` (4 significant digits: more than any plot or table shows), TensorBoard's
+run-level summaries first (`collapse/`: the deepest layer's cosine, the lowest stable rank, the
+number of collapsed layers), per-layer scalars in a group of their own
 (`layers/<metric>/layer_NNNN`, hundreds of cards in a deep model), a labelled layer × step heatmap
 figure per metric (`collapse_heatmap/<metric>`), and a warning the first time a layer collapses:
 its cosine similarity reaches `monitor.collapse_threshold` or its stable rank falls to
@@ -19,13 +20,10 @@ its cosine similarity reaches `monitor.collapse_threshold` or its stable rank fa
 step uses, so the trajectory is the same with monitors on or off.
 """
 
-import json
-
 import torch
 
-from launch.run_dir import RunDir, read_jsonl, rewrite_jsonl
-
-from model.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
+from launch.run_dir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
+from monitors.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
 
 HEATMAP_METRICS = ("cos_sim", "t_sim", "stable_rank", "rms", "attn_sigma_ratio", "grad_norm", "update_ratio")
 
@@ -41,6 +39,17 @@ def full_param(p):
 
     full = safe_get_full_fp32_param(p)
     return p.detach() if full is None else full
+
+
+def significant(value, digits=4):
+    """A number, or lists and dicts of numbers, rounded to `digits` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [significant(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: significant(v, digits) for k, v in value.items()}
+    return value
 
 
 def norm_of(tensors):
@@ -120,10 +129,9 @@ class CollapseMonitor:
         self.deepest_cos = layers[-1]["cos_sim"]
         if not self.log.enabled:
             return self.deepest_cos
-        record = {"step": step, "layers": layers}
+        record = {"step": step, "layers": significant(layers)}
         self.history.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
         tb = self.log.tb
         tb.add_scalar("collapse/deepest_layer_cos_sim", layers[-1]["cos_sim"], step)
         tb.add_scalar("collapse/lowest_stable_rank", min(layer["stable_rank"] for layer in layers), step)
@@ -138,7 +146,7 @@ class CollapseMonitor:
                 self.warned.add(layer["layer"])
                 self.log.info(f"warning: layer {layer['layer']} collapsed at step {step} (cos_sim {layer['cos_sim']:.3f}, "
                               f"stable rank {layer['stable_rank']:.2f}): its tokens are growing alike")
-        from model.plot_monitors import heatmap_figure
+        from monitors.plot import heatmap_figure
 
         for metric in HEATMAP_METRICS:
             figure = heatmap_figure(self.history, metric, title=f"{metric} at step {step}")

@@ -3,10 +3,8 @@
 The folder's code is generated from Fathom's own modules, not kept as a second copy:
 modeling_fathom.py and every Fathom module it imports at module level (the model files and
 configs/schema.py) are copied flat, with their Fathom imports made relative. The folder declares
-torch, transformers and safetensors; a copy that imports anything else inside a function
-(DeepSpeed's ZeRO-3 gathering in init.py, Fathom's own loader in transformer.py) needs it only on
-a path the exported model never takes, so that import is put in a try block, which transformers'
-dependency check of remote code skips. Anything else undeclared at module level stops the export.
+torch, transformers and safetensors; a module that imports anything else, at any level, stops the
+export (model/ imports only torch and configs, so this holds by construction).
 """
 
 import ast
@@ -18,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENTRY = "model.hf.modeling_fathom"
-FATHOM_PACKAGES = {"model", "configs"}
+ENTRY = "tools.hf.modeling_fathom"
+FATHOM_PACKAGES = {"model", "configs", "tools"}
 DECLARED = {"torch", "transformers", "safetensors"}
 
 
@@ -50,23 +48,18 @@ def _exported_modules():
 
 
 def _rewrite(name, source, files):
-    """source with Fathom imports of exported modules made relative and optional imports wrapped."""
+    """source with its Fathom imports made relative; an import the folder cannot satisfy stops the export."""
     lines = source.splitlines(keepends=True)
     nodes = sorted(_imports(ast.parse(source)), key=lambda n: n[0].lineno, reverse=True)
-    for node, module, top in nodes:
-        first, indent = node.lineno - 1, " " * node.col_offset
+    for node, module, _ in nodes:
+        first = node.lineno - 1
         if module in files:
             if not isinstance(node, ast.ImportFrom):
                 raise RuntimeError(f"{name}: write `from {module} import ...` so the exported copy can import it")
             lines[first] = lines[first].replace(f"from {module} import", f"from .{files[module][:-3]} import", 1)
         elif _package(module) not in DECLARED | sys.stdlib_module_names:
-            if top:
-                raise RuntimeError(f"{name} imports {module} at module level: the exported folder declares only "
-                                   f"{sorted(DECLARED)} and the standard library")
-            body = [indent + "    " + line[len(indent):] for line in lines[first:node.end_lineno]]
-            lines[first:node.end_lineno] = [
-                f"{indent}try:  # not needed by the exported model; transformers' import check skips try blocks\n",
-                *body, f"{indent}except ImportError:\n", f"{indent}    raise\n"]
+            raise RuntimeError(f"{name} imports {module}: the exported folder declares only "
+                               f"{sorted(DECLARED)} and the standard library")
     return "".join(lines)
 
 
@@ -133,8 +126,8 @@ def save_hf(model_cfg, directory, tokenizer=None):
     and generation_config.json (decoding stops at end-of-text). model.safetensors is Fathom's own."""
     from transformers import GenerationConfig
 
-    from model.hf.configuration_fathom import FathomHFConfig
-    from model.hf.modeling_fathom import FathomForCausalLM
+    from tools.hf.configuration_fathom import FathomHFConfig
+    from tools.hf.modeling_fathom import FathomForCausalLM
 
     directory = Path(directory)
     for name, source in remote_code().items():

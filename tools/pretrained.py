@@ -77,8 +77,8 @@ def master_weights(states, marker):
 def load_run(run, tag=None, data=None):
     """(config, model in eval mode, checkpoint marker, data directory, data meta) of a run."""
     from data.meta import DataError
-    from model import Transformer
     from data.resolve import resolve_data
+    from model import Transformer
 
     path, marker = run_checkpoint(run, tag)
     cfg = run_config(marker)
@@ -97,11 +97,11 @@ def load_run(run, tag=None, data=None):
 
 
 def save_pretrained(model, cfg, directory, tokenizer=None):
-    """model.safetensors and config.yaml for `Transformer.from_pretrained`; config.json, the code it names
+    """model.safetensors and config.yaml for `tools.pretrained.from_pretrained`; config.json, the code it names
     and (given the tokenizer file) a fast tokenizer for transformers' Auto classes, in the same folder."""
     from safetensors.torch import save_model
 
-    from model.hf.save import save_hf
+    from tools.hf.save import save_hf
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Turn a run's monitors.jsonl into PNGs: each metric vs depth at chosen steps, and a layer × step heatmap.
 
-    python -m model.plot_monitors --run OUT_DIR [--steps 0,500,1000] [--metrics cos_sim,stable_rank] [--output DIR]
+    python -m monitors.plot --run OUT_DIR [--steps 0,500,1000] [--metrics cos_sim,stable_rank] [--output DIR]
 
 Writes DIR/<metric>_vs_depth.png and DIR/<metric>_heatmap.png (DIR defaults to OUT_DIR/plots).
 """

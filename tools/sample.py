@@ -1,6 +1,6 @@
 """Sample text from a trained run with its own tokenizer and cached decoding.
 
-    python -m model.sample --run OUT_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
+    python -m tools.sample --run OUT_DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--seed S]
 """
 
 import argparse
@@ -22,7 +22,7 @@ def main(argv=None):
 
     from data.tokenizer import tokenizer_from_meta
     from model.decode import generate
-    from model.pretrained import load_run
+    from tools.pretrained import load_run
 
     cfg, model, _, data_path, meta = exit_on_error(load_run, args.run, args.checkpoint)
     tok = tokenizer_from_meta(data_path, meta)

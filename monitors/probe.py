@@ -1,9 +1,9 @@
 """Collapse at init: run held-out text through a freshly initialised model and measure every layer.
 
-    python -m model.probe [--config F ...] [key=value ...] [--depths 12,48,192,768] [--json] [--plot out.png]
+    python -m monitors.probe [--config F ...] [key=value ...] [--depths 12,48,192,768] [--json] [--plot out.png]
 
 Reports per layer (layer 0 = output of the first block) the mean pairwise token cosine
-similarity, the similarity ratio t_sim, the stable rank and the activation RMS (model/metrics.py).
+similarity, the similarity ratio t_sim, the stable rank and the activation RMS (monitors/metrics.py).
 """
 
 import argparse
@@ -45,7 +45,7 @@ def probe(cfg, idx, seed=0):
     import torch
 
     from model import Transformer
-    from model.metrics import layer_metrics
+    from monitors.metrics import layer_metrics
 
     torch.manual_seed(seed)
     return layer_metrics(hidden_states(Transformer(cfg.model).eval(), idx))

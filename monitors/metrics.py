@@ -1,6 +1,6 @@
 """Collapse metrics of hidden states X [B, T, d], one number per sequence averaged over the batch.
 
-Shared by `python -m model.probe` and the training monitors. Computed in float64 off the
+Shared by `python -m monitors.probe` and the training monitors. Computed in float64 off the
 training path; each is O(T·d) except stable rank (one spectral norm per sequence).
 """
 
