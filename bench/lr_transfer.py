@@ -8,7 +8,7 @@ be anything). The loss is `final_eval_loss`, the same spread sample of the val s
 With depth scaling, a cell at L = base_layers is the very run without it (every rule is 1 there),
 so the unscaled cells at that depth stand in the scaled curve too. "Transfers" at a depth means:
 the best lr there is the best lr at the shallowest depth, or one grid step from it with the
-shallow lr's loss within 0.02 nats of the best.
+shallow lr's loss within 0.02 nats of the best; "open" while the shallow best lr has not run there.
 """
 
 import argparse
@@ -60,14 +60,16 @@ def best(by_lr):
 
 
 def transfers(by_depth, depth, grid):
+    """"yes", "no", or "open" while the shallowest depth's best lr has not run at `depth`."""
     shallow = best(by_depth[min(by_depth)])
     here = best(by_depth[depth])
     if shallow is None or here is None:
-        return False
-    if here == shallow:
-        return True
-    loss_at_shallow = mean(by_depth[depth].get(shallow, []))
-    return abs(grid.index(here) - grid.index(shallow)) == 1 and loss_at_shallow - mean(by_depth[depth][here]) <= TOLERANCE
+        return "no"
+    if shallow not in by_depth[depth]:
+        return "open"
+    loss_at_shallow = mean(by_depth[depth][shallow])
+    near = abs(grid.index(here) - grid.index(shallow)) <= 1 and loss_at_shallow - mean(by_depth[depth][here]) <= TOLERANCE
+    return "yes" if near else "no"
 
 
 def tables(data):
@@ -85,7 +87,7 @@ def tables(data):
                 m = mean(by_lr.get(lr, []))
                 text = "–" if lr not in by_lr else "x" if m != m else f"{m:.3f}"
                 cells.append(f"**{text}**" if lr == best(by_lr) else text)
-            verdict = "–" if depth == min(by_depth) else "yes" if transfers(by_depth, depth, grid) else "no"
+            verdict = "–" if depth == min(by_depth) else transfers(by_depth, depth, grid)
             best_lr = f"{best(by_lr):g}" if best(by_lr) else "–"
             lines.append(f"| {depth} | " + " | ".join(cells) + f" | {best_lr} | {verdict} |")
         lines.append("")
