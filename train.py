@@ -22,6 +22,7 @@ from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, gathered, grad_accum_steps
 from launch.distributed import check_extension_build_locks, fill_launcher_env
+from launch.provenance import provenance
 from launch.run_dir import RunDir, write_atomically
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -186,7 +187,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if not resume and t.overwrite and run_dir.describe_run():
             print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
         run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir.config, to_yaml(cfg))
+        write_atomically(run_dir.config, to_yaml(cfg, provenance(data_fingerprint(meta))))
     dist.barrier()
 
     ds_config = deepspeed_config(t, precision, grad_accum)

@@ -69,6 +69,20 @@ def _leaves(mapping, prefix=""):
             yield f"{prefix}{key}"
 
 
+# where a run came from (launch/provenance.py): train.py writes it into config.yaml; a record, not a setting
+PROVENANCE = "provenance"
+
+
+def _settings(loaded):
+    """A YAML mapping's settings: without a provenance record, and upgraded to today's format if
+    Fathom wrote it in an older one."""
+    if PROVENANCE in loaded:
+        loaded = loaded.copy()
+        del loaded[PROVENANCE]
+    version = _version(loaded)
+    return _as_it_ran(loaded, version) if version is not None and version < SCHEMA_VERSION else loaded
+
+
 def _version(loaded):
     """The format of a YAML mapping that Fathom wrote (train.py's config.yaml, an export's), or None for
     one a person wrote. Before format 1 there was no version key, but such a file holds every key of
@@ -97,10 +111,7 @@ def saved_config(mapping):
     """The config of a run from what it saved (config.yaml, a checkpoint marker's copy), read as it
     ran whatever Fathom version wrote it."""
     loaded = OmegaConf.create(mapping) if not isinstance(mapping, DictConfig) else mapping
-    version = _version(loaded)
-    if version is not None and version < SCHEMA_VERSION:
-        loaded = _as_it_ran(loaded, version)
-    return OmegaConf.to_object(_merge(OmegaConf.structured(FathomConfig), loaded, "saved config"))
+    return OmegaConf.to_object(_merge(OmegaConf.structured(FathomConfig), _settings(loaded), "saved config"))
 
 
 def _merge(base, other, source):
@@ -185,10 +196,7 @@ def load_config(paths=(), overrides=()):
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, type(cfg)):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping such as 'model: {{n_layers: 48}}'")
-        version = _version(loaded)
-        if version is not None and version < SCHEMA_VERSION:  # an older run's config.yaml: as that run ran
-            loaded = _as_it_ran(loaded, version)
-        cfg = _merge(cfg, loaded, path)
+        cfg = _merge(cfg, _settings(loaded), path)
     for item in overrides:
         key, value = _parse_override(item)
         cfg = _merge(cfg, _override(key, value), "command line")
@@ -196,8 +204,10 @@ def load_config(paths=(), overrides=()):
     return OmegaConf.to_object(cfg)
 
 
-def to_yaml(cfg):
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg, provenance=None):
+    """cfg as YAML; with `provenance`, followed by the record of where the run came from."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return text + OmegaConf.to_yaml({PROVENANCE: provenance}) if provenance else text
 
 
 def exit_on_error(fn, *args, **kwargs):

@@ -1,6 +1,6 @@
 """The layout of a run directory (train.out_dir): the one module that knows its file names.
 
-    OUT_DIR/config.yaml      the resolved config of the latest start
+    OUT_DIR/config.yaml      the resolved config of the latest start, and its provenance (launch/provenance.py)
     OUT_DIR/metrics.jsonl    training, validation, data, guard and rollback lines, one per logged step
     OUT_DIR/monitors.jsonl.gz  per-layer collapse metrics (monitors/collapse.py); runs from before
                              0.1.0 have a plain monitors.jsonl, which is read and extended as it is

@@ -38,6 +38,8 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     assert {p.name for p in out.glob("*.png")} >= {"val_loss_vs_depth.png", "cos_sim_vs_depth.png"}
     assert {p.name for p in out.glob("*_heatmaps_L*.png")} == {f"{metric}_heatmaps_L{depth}.png" for depth in (1, 2)
                                                              for metric in ("cos_sim", "stable_rank")}
+    results = [json.loads(p.read_text()) for p in out.glob("*/result.json")]
+    assert all(set(r["provenance"]) == {"commit", "dirty", "python", "torch", "deepspeed", "data"} for r in results)
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     # a cell recorded before a key existed is the same experiment when the key is at its default
     older = out / "vanilla-L1-gpt2" / "config.yaml"

@@ -2,10 +2,13 @@
 
 import gzip
 import json
+import platform
+import subprocess
 
 import yaml
 
 from configs import load_config
+from tests.conftest import ROOT
 
 
 def read_jsonl(path):
@@ -35,3 +38,14 @@ def test_resolved_config_is_written_and_loads_back(tiny_run, tiny_data):
     assert saved["data"]["path"] == str(tiny_data) and saved["model"]["n_layers"] == 2
     assert saved["model"]["vocab_size"] == json.loads((tiny_data / "meta.json").read_text())["tokenizer"]["vocab_size"]
     assert load_config([tiny_run / "config.yaml"]).train.max_steps == 40
+    # where the run came from: a record beside the settings, which reading the file back ignores
+    import deepspeed
+    import torch
+
+    from data.meta import data_fingerprint
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert saved["provenance"] == {"commit": head or None, "dirty": saved["provenance"]["dirty"],
+                                   "python": platform.python_version(), "torch": torch.__version__,
+                                   "deepspeed": deepspeed.__version__,
+                                   "data": data_fingerprint(json.loads((tiny_data / "meta.json").read_text()))}

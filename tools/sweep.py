@@ -45,7 +45,7 @@ from queue import SimpleQueue
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from configs import ConfigError, exit_on_error, load_config, saved_config, schema_fields  # noqa: E402
+from configs import PROVENANCE, ConfigError, exit_on_error, load_config, saved_config, schema_fields  # noqa: E402
 from launch.run_dir import RunDir, read_jsonl  # noqa: E402
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
@@ -125,6 +125,15 @@ def check_unchanged(args, cell):
     return changed
 
 
+def recorded_provenance(directory):
+    """What the cell's config.yaml records of where it came from (launch/provenance.py), or None."""
+    from omegaconf import OmegaConf
+
+    config = RunDir(directory).config
+    saved = OmegaConf.to_container(OmegaConf.load(config)) if config.is_file() else {}
+    return saved.get(PROVENANCE)
+
+
 def cell_result(directory, cell, returncode, is_collapsed):
     method, depth, init, seed = cell
     metrics = read_jsonl(RunDir(directory).metrics)
@@ -152,6 +161,7 @@ def cell_result(directory, cell, returncode, is_collapsed):
         "collapsed_layers_end": sum(map(is_collapsed, end)) if end else None,
         "first_collapse_step": crossed[0] if crossed else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in train), default=None),
+        "provenance": recorded_provenance(directory),
     }
 
 
