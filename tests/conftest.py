@@ -36,6 +36,18 @@ def launcher(name):
     }[name]
 
 
+# fixtures that start training runs: a test using one is `slow` (as is one marked so itself); CI runs
+# every test, `pytest -m "not slow"` the rest in a few minutes
+TRAINING_FIXTURES = {"tiny_run", "resumed_runs", "distributed_runs", "logged_run", "exports", "unmonitored_run",
+                     "used_run", "finished_run", "bad_things", "small_source"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 # the short runs of the distributed, resume and use tests
 STEPS, STOP = 6, 3
 # eval_batches=1000: the validation at the end covers the whole val split (tests/test_use.py evaluates it)

@@ -116,6 +116,7 @@ def twenty_steps(preset, backend=None):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_compiles_to_the_same_losses(preset):
     # aot_eager traces exactly what inductor gets (dynamo graphs, AOT autograd's backward) at a
@@ -123,6 +124,7 @@ def test_every_preset_compiles_to_the_same_losses(preset):
     assert twenty_steps(preset, "aot_eager") == pytest.approx(twenty_steps(preset), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_compile_matches_eager(tiny_data, tmp_path):
     from tests.conftest import losses
 

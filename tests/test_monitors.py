@@ -121,6 +121,7 @@ def test_monitor_file_and_plots_of_a_real_run(tiny_run, tmp_path):
     assert "cos_sim_heatmap.png" in proc.stdout
 
 
+@pytest.mark.slow
 def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
     common = ["-m", "monitors.probe", "--config", "configs/methods/vanilla.yaml", "model.init=fanin", "model.d_model=32",
               "model.n_heads=2", f"data.path={tiny_data}", "--json"]

@@ -120,6 +120,7 @@ def test_checkpoint_files_cannot_run_code(tmp_path, tiny_data):
         read_prepared(data)
 
 
+@pytest.mark.slow
 def test_two_ranks_with_different_data_stop_before_the_first_step(tiny_data, other_data, tmp_path):
     # the same data.path on each "node", different content: rank 1 runs in a directory of its own
     for rank, data in enumerate((tiny_data, other_data)):
@@ -155,6 +156,7 @@ def test_slurm_time_left(tmp_path, left, minutes):
     assert out.stdout.strip() == str(minutes), out.stderr
 
 
+@pytest.mark.slow
 def test_failed_sweep_cells_are_retried(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     cell = out / "vanilla-L1"

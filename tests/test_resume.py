@@ -58,14 +58,15 @@ def start(out_dir, data, *extra, how="python"):
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
 
 
-def test_kill_9_at_ten_random_points_of_a_two_rank_zero2_run(tiny_data, tmp_path):
-    """Every rank dies at once (a node lost) at 10 random moments, mid-step or mid-save; each restart
+@pytest.mark.slow
+def test_kill_9_at_six_random_points_of_a_two_rank_zero2_run(tiny_data, tmp_path):
+    """Every rank dies at once (a node lost) at 6 random moments, mid-step or mid-save; each restart
     continues from the newest complete checkpoint and the losses equal an uninterrupted run's."""
-    run = ["train.max_steps=56", "train.save_every=3", "train.zero_stage=2"]
+    run = ["train.max_steps=36", "train.save_every=3", "train.zero_stage=2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert start(reference, tiny_data, *run, how="torchrun").wait() == 0
     rng = random.Random(20261124)
-    for i in range(10):
+    for i in range(6):
         proc = start(killed, tiny_data, *run, how="torchrun")
         wait_for_step(proc, killed / "metrics.jsonl", 3 + 5 * i + rng.randint(0, 2))
         time.sleep(rng.uniform(0, 0.3))  # anywhere in the step, its save included
@@ -73,17 +74,18 @@ def test_kill_9_at_ten_random_points_of_a_two_rank_zero2_run(tiny_data, tmp_path
         proc.wait()
     # a kill during a save: the newest folder is partial (no marker, a truncated file)
     newest = sorted((killed / "checkpoints").glob("step_*"))[-1]
-    partial = killed / "checkpoints" / "step_00000055"  # save_every=3 never writes it: a save cut short
+    partial = killed / "checkpoints" / "step_00000035"  # save_every=3 never writes it: a save cut short
     shutil.copytree(newest, partial)
     (partial / MARKER).unlink()
     states = partial / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:100])
     proc = start(killed, tiny_data, *run, how="torchrun")
     assert proc.wait() == 0, proc.stderr.read()[-3000:]
-    assert [r["step"] for r in records(killed)] == list(range(1, 57))  # no step logged twice
+    assert [r["step"] for r in records(killed)] == list(range(1, 37))  # no step logged twice
     assert losses(killed) == losses(reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(tiny_data, tmp_path):
     out = tmp_path / "run"
     proc = start(out, tiny_data, "train.save_every=0")

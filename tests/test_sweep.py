@@ -6,6 +6,8 @@ import json
 import os
 from unittest import mock
 
+import pytest
+
 import tools.sweep
 from tests.conftest import COMMON, records, run_cli
 from tools.sweep import job_environments
@@ -23,6 +25,7 @@ def rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     partial = out / "gapfree-L2-gpt2"  # as if the sweep had been killed in the middle of this cell
@@ -49,6 +52,7 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
 
 
+@pytest.mark.slow
 def test_a_diverging_cell_is_recorded_not_a_crash(tiny_data, tmp_path):
     out = tmp_path / "sweep"
     run_cli("tools/sweep.py", "--methods", "vanilla", "--depths", "2", "--output", str(out), *COMMON,
@@ -56,6 +60,7 @@ def test_a_diverging_cell_is_recorded_not_a_crash(tiny_data, tmp_path):
     assert [r["status"] for r in rows(out)] == ["diverged"]
 
 
+@pytest.mark.slow
 def test_init_only_sweep(tiny_data, tmp_path):
     out = tmp_path / "init"
     run_cli("tools/sweep.py", *GRID, "--inits", "gpt2,fanin", "--init-only", "--output", str(out), *COMMON,
@@ -85,6 +90,7 @@ def test_more_jobs_than_gpus_is_one_line(tiny_data, tmp_path):
         "error: --jobs 3: CUDA_VISIBLE_DEVICES=0,1 lists only 2 GPUs; use --jobs 2 or list more GPUs")
 
 
+@pytest.mark.slow
 def test_seeds_one_change_methods_and_stale_cells(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     args = ["tools/sweep.py", "--methods", "vanilla+model.head_bias=none", "--depths", "1", "--seeds", "1,2",
