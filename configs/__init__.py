@@ -37,6 +37,7 @@ SINCE = {
         "data.tokenizer": "bpe", "data.mix": [],
         "monitor.stable_rank_threshold": 1.0,  # collapse was called by cosine alone
     },
+    2: {"monitor.update_layers": 0},  # every block's update ratio
 }
 
 

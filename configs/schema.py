@@ -212,11 +212,14 @@ class MonitorConfig:
     stable_rank_threshold: float = opt(1.2, "... when its stable rank falls to this (1 = all tokens on one direction); "
                                             "the monitors warn once per collapsed layer", check=(lambda v: v >= 1, "a number >= 1"))
     batch: int = opt(4, "held-out sequences (of train.seq_len tokens) in the probe batch", check=positive)
+    update_layers: int = opt(16, "blocks whose update-to-weight ratio is measured, evenly spaced with the first and "
+                                 "last (0 = every block): each needs its weights from before the step, copied to host "
+                                 "memory", check=non_negative, run_only=True)
 
 
 # Raised whenever a change makes an older config.yaml mean something else; configs.saved_config
 # reads older files as they ran (configs/__init__.py, SINCE).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass

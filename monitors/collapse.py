@@ -8,6 +8,9 @@ sigma_2/sigma_1 of each head's effective attention matrix (A - C for gap removal
 gamma C for shaped attention), rebuilt explicitly here, off the training path. On the same steps
 the gradient norm of each block and its update-to-weight ratio |dW| / |W| are taken around the
 optimizer step through DeepSpeed's safe_get_full_* helpers, so every ZeRO stage gives full values.
+The ratio needs the weights from before the step: only `monitor.update_layers` evenly spaced blocks
+are copied, one at a time, to host memory, so a 1,000-layer model never holds a second copy of
+itself on the device (the gradient norm needs no copy and covers every block).
 
 Every rank runs the probe (ZeRO-3 gathers parameters collectively); rank 0 writes
 `monitors.jsonl.gz` (4 significant digits: more than any plot or table shows), TensorBoard's
@@ -68,6 +71,9 @@ class CollapseMonitor:
         self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if self.is_collapsed(layer)}
         self.gradients = None
         self.deepest_cos = self.history[-1]["layers"][-1]["cos_sim"] if self.history else None
+        n, k = len(model.blocks), cfg.update_layers
+        self.update_blocks = set(range(n)) if k == 0 or k >= n else \
+            {n - 1} if k == 1 else {round(i * (n - 1) / (k - 1)) for i in range(k)}
 
     def rewind(self, step):
         """Forget the records after `step`: a resumed (or rolled back) run records them again."""
@@ -83,17 +89,19 @@ class CollapseMonitor:
     def before_step(self):
         """Called after the last backward of a monitored step, before the optimizer step."""
         self.gradients = [(norm_of(full_grad(p) for p in block.parameters()),
-                           [full_param(p).detach().clone() for p in block.parameters()])
-                          for block in self.model.blocks]
+                           [full_param(p).detach().to("cpu", copy=True) for p in block.parameters()]
+                           if i in self.update_blocks else None)
+                          for i, block in enumerate(self.model.blocks)]
 
     def _gradient_metrics(self):
         if self.gradients is None:
             return [{} for _ in self.model.blocks]
         out = []
         for block, (grad_norm, before) in zip(self.model.blocks, self.gradients):
-            after = [full_param(p) for p in block.parameters()]
-            update = norm_of(a - b for a, b in zip(after, before))
-            out.append({"grad_norm": grad_norm, "update_ratio": update / max(norm_of(before), 1e-30)})
+            out.append({"grad_norm": grad_norm})
+            if before is not None:
+                update = norm_of(full_param(p).to("cpu") - b for p, b in zip(block.parameters(), before))
+                out[-1]["update_ratio"] = update / max(norm_of(before), 1e-30)
         self.gradients = None
         return out
 

@@ -3,6 +3,7 @@
 import pytest
 
 from configs import ConfigError, load_config, schema_fields
+from configs.schema import SCHEMA_VERSION
 from tests.conftest import ROOT
 
 
@@ -61,12 +62,16 @@ def test_a_run_config_from_before_a_key_existed_loads_as_it_ran(tmp_path):
     assert "head_bias" not in old.read_text() and "schema_version" not in old.read_text()
     for cfg in (load_config([old]), saved_config(OmegaConf.load(old))):
         assert (cfg.model.head_bias, cfg.model.shaped.temperature, cfg.model.spectral.init) == ("none", "width", "equal")
-        assert (cfg.train.final_eval_windows, cfg.model.depth_scaling.alpha, cfg.schema_version) == (0, 0.0, 1)
+        assert (cfg.train.final_eval_windows, cfg.model.depth_scaling.alpha, cfg.schema_version) == (0, 0.0, SCHEMA_VERSION)
+        assert cfg.monitor.update_layers == 0  # every block's update ratio, as it recorded
         assert (cfg.model.n_layers, cfg.model.init) == (48, "gpt2")  # what it holds is kept
     # written today: versioned, and read back unchanged
     today = load_config(["configs/methods/vanilla.yaml"])
     (tmp_path / "config.yaml").write_text(to_yaml(today))
-    assert "schema_version: 1" in to_yaml(today) and load_config([tmp_path / "config.yaml"]) == today
+    assert f"schema_version: {SCHEMA_VERSION}" in to_yaml(today) and load_config([tmp_path / "config.yaml"]) == today
+    # format 1 (before monitor.update_layers): versioned, and upgraded by what came after it
+    one = ROOT / "bench/results/lr_transfer/vanilla+model.depth_scaling.alpha=1+train.lr=3e-3-L48-s1337/config.yaml"
+    assert "schema_version: 1" in one.read_text() and load_config([one]).monitor.update_layers == 0
     # a person's own partial file is no run config: the keys it leaves out take today's defaults
     (tmp_path / "mine.yaml").write_text("model: {n_layers: 48}\n")
     assert load_config([tmp_path / "mine.yaml"]).model.head_bias == "log_unigram"

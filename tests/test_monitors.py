@@ -132,3 +132,27 @@ def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
     deep = many["depths"]["24"]["layers"]
     assert len(deep) == 24 and deep[-1]["cos_sim"] > 0.9  # vanilla post-norm with fan-in init collapses
     assert (tmp_path / "p.png").is_file()
+
+
+def test_the_update_ratio_of_evenly_spaced_blocks_only(tmp_path):
+    """monitor.update_layers bounds what is copied before the step: the first, the last and blocks
+    evenly between them get |dW| / |W|; every block gets its gradient norm."""
+    cfg = load_config([], ["model.n_layers=12", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64",
+                           "monitor.update_layers=3"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = CollapseMonitor(model, model, torch.randint(0, 64, (2, 16)), cfg.monitor, tmp_path, FakeLog())
+    model(torch.randint(0, 64, (2, 16))).logsumexp(-1).mean().backward()
+    before = [torch.cat([p.detach().flatten().clone() for p in block.parameters()]) for block in model.blocks]
+    grads = [torch.cat([p.grad.flatten() for p in block.parameters()]) for block in model.blocks]
+    monitor.before_step()
+    optimizer.step()
+    monitor.record(1)
+    layers = read_jsonl(tmp_path / "monitors.jsonl.gz")[0]["layers"]
+    assert [layer["layer"] for layer in layers if "update_ratio" in layer] == [0, 6, 11]
+    for layer in layers:
+        i = layer["layer"]
+        assert layer["grad_norm"] == significant(grads[i].double().norm().item())
+        if i in (0, 6, 11):  # SGD: |dW| = lr |g|
+            assert layer["update_ratio"] == pytest.approx(0.1 * grads[i].norm().item() / before[i].norm().item(), rel=1e-3)
