@@ -69,21 +69,13 @@ def gradient_norm(engine, model):
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
 
 
-def evaluate(engine, val_batches, device):
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
+def evaluate(engine, batches, device):
+    from launch.validation import validation_loss
 
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for x, y, mask in val_batches.batches(device):
-            losses = F.cross_entropy(engine(x).float().transpose(1, 2), y, reduction="none")  # [B, T]
-            total[0] += (losses.sum(1) * mask).sum().double()
-            total[1] += mask.sum().double() * y.shape[1]
-    dist.all_reduce(total)
+    loss = validation_loss(engine, batches, device)
     engine.train()
-    return (total[0] / total[1]).item()
+    return loss
 
 
 def peak_memory_mb():
@@ -225,7 +217,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         start_step, samples_seen = resume.step, resume.marker["samples_seen"]
     sources = meta.get("mix", data_path)  # a directory, or data.mix's directories and weights
     batches = TrainBatches(sources, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
-    val_batches = ValBatches(sources, t.seq_len, t.micro_batch_size, t.eval_batches, world_size, rank)
+    val_batches = ValBatches(sources, t.seq_len, t.micro_batch_size, world_size, rank,
+                             f"first:{t.eval_batches * t.micro_batch_size}")
     tokens_per_step = batches.global_batch * t.seq_len
     model_flops = flops_per_token(cfg.model, t.seq_len, tokens_per_step)
     peak = peak_tflops(torch.cuda.get_device_name(device) if cuda else "", t.peak_tflops)
@@ -244,7 +237,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                   "data")
     monitor = None
     if cfg.monitor.every:
-        probe = ValBatches(sources, t.seq_len, cfg.monitor.batch, 1, 1, 0)
+        probe = ValBatches(sources, t.seq_len, cfg.monitor.batch, 1, 0, f"first:{cfg.monitor.batch}")
         probe_tokens = next(probe.batches(device))[0]
         monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, run_dir.path, log, start_step)
         if start_step == 0:
@@ -305,7 +298,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if done == t.max_steps and t.final_eval_windows:
             # the score runs are compared by: the same windows, spread over the whole split, for every seed
             # and depth (the first windows alone can sit a third of a nat off a full pass)
-            final = ValBatches(sources, t.seq_len, t.micro_batch_size, 0, world_size, rank, spread=t.final_eval_windows)
+            final = ValBatches(sources, t.seq_len, t.micro_batch_size, world_size, rank, f"spread:{t.final_eval_windows}")
             final_loss = evaluate(engine, final, device)
             log.write({"step": done, "final_eval_loss": final_loss, "eval_windows": final.num_windows}, "val")
             log.info(f"step {done}: final_eval_loss {final_loss:.4f} over {final.num_windows} windows spread over the "

@@ -185,14 +185,15 @@ def spread_sample(num_windows, count, seed=SPREAD_SEED):
 
 class MixedWindows:
     """Windows of each source's split side by side, as many of each as its weight asks (within what
-    it holds): window ids 0..num_windows-1 across all of them. Each source gives its first windows
-    in file order, or with `spread` a spread_sample of its whole split."""
+    it holds; `wanted` None: all of them): window ids 0..num_windows-1 across all of them. Each
+    source gives its first windows in file order, or with `spread` a spread_sample of its whole split."""
 
     def __init__(self, data, split, seq_len, wanted, spread=False):
         sources = weighted_sources(data)
         self.parts = [TokenShards(path, split, seq_len) for path, _ in sources]
-        shares = Mixture([w for _, w in sources]).counts([wanted])[:, 0]
-        self.counts = np.minimum(shares, [part.num_windows for part in self.parts])
+        held = [part.num_windows for part in self.parts]
+        shares = held if wanted is None else Mixture([w for _, w in sources]).counts([wanted])[:, 0]
+        self.counts = np.minimum(shares, held)
         self.picks = [spread_sample(part.num_windows, int(count)) if spread else np.arange(count, dtype=np.int64)
                       for part, count in zip(self.parts, self.counts)]
         self.first = np.concatenate([[0], np.cumsum(self.counts)])
@@ -207,17 +208,32 @@ class MixedWindows:
         return out
 
 
-class ValBatches:
-    """The first num_batches × micro_batch windows of the val split in file order (of a mixture: of
-    each source's, shared by weight), or, given `spread`, that many windows spread over the whole
-    split (spread_sample), dealt round-robin to the ranks: the same sequences whatever the world size,
-    so validation losses (summed over ranks) compare across runs."""
+def window_set(name):
+    """(count, spread) of a named set of windows of a split:
+    "first:N"  the first N windows in file order (the periodic val_loss: cheap, a prefix);
+    "spread:N" N windows spread over the whole split with a fixed seed (final_eval_loss: what runs
+               are compared by);
+    "all"      every window (python -m tools.evaluate)."""
+    kind, _, count = name.partition(":")
+    if kind == "all" and not count:
+        return None, False
+    if kind in ("first", "spread") and count.isdigit() and int(count) > 0:
+        return int(count), kind == "spread"
+    raise ValueError(f"window set {name!r}: write first:N, spread:N or all")
 
-    def __init__(self, data, seq_len, micro_batch, num_batches, world_size, rank, spread=0):
-        self.data = MixedWindows(data, "val", seq_len, spread or num_batches * micro_batch, bool(spread))
+
+class ValBatches:
+    """A named set of windows of a split (window_set; of a mixture: each source's, shared by weight),
+    dealt round-robin to the ranks: the same sequences whatever the world size, so losses summed
+    over the ranks compare across runs."""
+
+    def __init__(self, data, seq_len, micro_batch, world_size, rank, windows, split="val"):
+        count, spread = window_set(windows)
+        self.name = windows
+        self.data = MixedWindows(data, split, seq_len, count, spread)
         self.num_windows = self.data.num_windows
         if self.num_windows == 0:
-            raise ValueError(f"{data}: the val split is shorter than one sequence of {seq_len + 1} tokens")
+            raise ValueError(f"{data}: the {split} split is shorter than one sequence of {seq_len + 1} tokens")
         self.micro_batch, self.world_size, self.rank = micro_batch, world_size, rank
 
     def __iter__(self):

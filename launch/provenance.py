@@ -25,5 +25,5 @@ def provenance(data_fingerprint):
 
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
-    return {"commit": commit, "dirty": dirty, "python": platform.python_version(), "torch": torch.__version__,
+    return {"commit": commit, "dirty": dirty, "python": platform.python_version(), "torch": str(torch.__version__),
             "deepspeed": deepspeed.__version__, "data": data_fingerprint}

@@ -257,7 +257,7 @@ def test_the_final_evaluation_windows_are_one_fixed_sample_spread_over_the_whole
     assert np.array_equal(spread_sample(7, 1024), np.arange(7))  # a small split is taken whole
 
     def windows(world_size):
-        batches = [ValBatches(tiny_data, 16, 4, 0, world_size, rank, spread=12) for rank in range(world_size)]
+        batches = [ValBatches(tiny_data, 16, 4, world_size, rank, "spread:12") for rank in range(world_size)]
         rows = [row for b in batches for x, y, mask in b.batches() for row, m in zip(x, mask) if m]
         return batches[0], sorted(tuple(r.tolist()) for r in rows)
 
@@ -266,3 +266,19 @@ def test_the_final_evaluation_windows_are_one_fixed_sample_spread_over_the_whole
     total = one.data.parts[0].num_windows
     picks = one.data.picks[0]
     assert picks[0] < total / 12 and picks[-1] >= total - total / 12
+
+
+def test_named_window_sets(tiny_data):
+    """The three sets every loss is taken over: a prefix, a spread sample, the whole split."""
+    from data.loader import TokenShards, ValBatches, window_set
+
+    total = TokenShards(tiny_data, "val", 16).num_windows
+    first, spread, whole = (ValBatches(tiny_data, 16, 4, 1, 0, name) for name in ("first:5", "spread:5", "all"))
+    assert (first.num_windows, spread.num_windows, whole.num_windows) == (5, 5, total)
+    assert list(first.data.picks[0]) == [0, 1, 2, 3, 4] and list(whole.data.picks[0]) == list(range(total))
+    assert spread.data.picks[0][-1] >= total - total / 5
+    train = ValBatches(tiny_data, 16, 4, 1, 0, "first:4", split="train")
+    assert np.array_equal(train.data.windows(np.arange(4)), TokenShards(tiny_data, "train", 16).windows(np.arange(4)))
+    for bad in ("first", "spread:0", "some:3", "all:2"):
+        with pytest.raises(ValueError, match="write first:N, spread:N or all"):
+            window_set(bad)
