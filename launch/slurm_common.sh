@@ -34,3 +34,18 @@ requeue_if_asked() {
   fi
   exit "$1"
 }
+
+# Ranks per node for the launchers that start their own (torchrun, deepspeed): one per GPU of the
+# allocation. An allocation without GPUs has no such number, so it must be given, never guessed:
+#   FATHOM_RANKS_PER_NODE=2 sbatch --gpus-per-node=0 launch/slurm_torchrun.sbatch ...
+ranks_per_node() {
+  if [ -n "${FATHOM_RANKS_PER_NODE:-}" ]; then
+    echo "$FATHOM_RANKS_PER_NODE"
+  elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  else
+    echo "error: this allocation has no GPUs: set FATHOM_RANKS_PER_NODE to the number of CPU ranks per node" \
+         "(e.g. FATHOM_RANKS_PER_NODE=2 sbatch --gpus-per-node=0 ...)" >&2
+    return 2
+  fi
+}

@@ -156,6 +156,21 @@ def test_slurm_time_left(tmp_path, left, minutes):
     assert out.stdout.strip() == str(minutes), out.stderr
 
 
+@pytest.mark.parametrize("env,ranks", [({"SLURM_GPUS_ON_NODE": "4"}, "4"), ({"FATHOM_RANKS_PER_NODE": "2"}, "2"),
+                                       ({"SLURM_GPUS_ON_NODE": "0", "FATHOM_RANKS_PER_NODE": "2"}, "2"),
+                                       ({"SLURM_GPUS_ON_NODE": "0"}, None), ({}, None)])
+def test_slurm_ranks_per_node_come_from_the_allocation_or_are_given(tmp_path, env, ranks):
+    """One rank per allocated GPU; an allocation without GPUs says how many CPU ranks, or stops."""
+    base = {k: v for k, v in os.environ.items() if k not in ("SLURM_GPUS_ON_NODE", "FATHOM_RANKS_PER_NODE")}
+    out = subprocess.run(["bash", "-c", f"set -e; . {ROOT}/launch/slurm_common.sh; n=$(ranks_per_node); echo $n"],
+                         capture_output=True, text=True, env={**base, **env, "SLURM_JOB_ID": "1",
+                                                              "SLURM_SUBMIT_DIR": str(tmp_path)})
+    if ranks:
+        assert (out.returncode, out.stdout.strip()) == (0, ranks), out.stderr
+    else:
+        assert out.returncode == 2 and out.stderr.startswith("error: this allocation has no GPUs: set FATHOM_RANKS_PER_NODE")
+
+
 @pytest.mark.slow
 def test_failed_sweep_cells_are_retried(tiny_data, tmp_path):
     out = tmp_path / "sweep"
