@@ -124,7 +124,7 @@ def test_monitor_file_and_plots_of_a_real_run(tiny_run, tmp_path):
 @pytest.mark.slow
 def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
     common = ["-m", "monitors.probe", "--config", "configs/methods/vanilla.yaml", "model.init=fanin", "model.d_model=32",
-              "model.n_heads=2", f"data.path={tiny_data}", "--json"]
+              "model.n_heads=2", "model.max_seq_len=32", "train.seq_len=32", f"data.path={tiny_data}", "--json"]
     one = json.loads(run_cli(*common, "model.n_layers=3").stdout)
     assert [r["layer"] for r in one["layers"]] == [0, 1, 2]
     assert {"cos_sim", "t_sim", "stable_rank", "rms"} <= set(one["layers"][0])
