@@ -23,7 +23,8 @@ def provenance(data_fingerprint):
     import deepspeed
     import torch
 
-    commit = _git("rev-parse", "HEAD")
+    # only Fathom's own checkout: an installed copy may sit inside some other repository
+    commit = _git("rev-parse", "HEAD") if (ROOT / ".git").exists() else None
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     return {"commit": commit, "dirty": dirty, "python": platform.python_version(), "torch": str(torch.__version__),
             "deepspeed": deepspeed.__version__, "data": data_fingerprint}

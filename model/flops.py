@@ -6,7 +6,7 @@ matmuls (attention, MLP and the LM head; not the embedding lookups), 6 = 2 (mult
 full T×T, as PaLM and nanoGPT count it (causal kernels skip about half of it: MFU by this count
 is the convention, not the kernel's exact work). The methods add O(T·d) element-wise work (the
 cumulative mean of C, the shaped gains, surgery's subtraction), counted at one FLOP per element
-and pass, and spectral its per-layer QR, once per optimizer step. `tests/test_flops.py` checks the
+and pass, and spectral its per-layer QR, once per optimizer step. `tests/test_ecosystem.py` checks the
 count against torch's FlopCounterMode.
 """
 

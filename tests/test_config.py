@@ -7,9 +7,17 @@ from configs.schema import SCHEMA_VERSION
 from tests.conftest import ROOT
 
 
-def test_defaults_are_a_deep_post_norm_model():
-    cfg = load_config()
-    assert cfg.model.n_layers >= 32 and cfg.model.norm == "post"
+def test_the_default_run_is_what_the_readme_says():
+    """`python train.py` reads configs/default.yaml: README's quick start describes it in numbers."""
+    from model import Transformer
+
+    cfg = load_config([ROOT / "configs/default.yaml"], ["model.vocab_size=8192"])  # the built-in corpus' BPE
+    m, t = cfg.model, cfg.train
+    readme = (ROOT / "README.md").read_text()
+    assert (f"a **{m.n_layers}-layer**, d_model {m.d_model}, {m.n_heads}-head {m.norm}-norm LM" in readme
+            and f"trained for {t.max_steps} steps of {t.micro_batch_size} × {t.seq_len} tokens" in readme)
+    assert f"({Transformer(m).num_parameters() / 1e6:.1f} M parameters)" in readme
+    assert (m.n_layers, m.norm, m.surgery.site, m.head_bias) == (32, "post", "residual", "log_unigram")
 
 
 def test_later_files_win_then_overrides(tmp_path):

@@ -30,11 +30,18 @@ def test_flops_per_token_equals_torchs_count(overrides):
                                          and (n != "token_embedding.weight" or cfg.tie_embeddings))
 
 
-def test_seed_methods_add_their_own_work_and_peaks_are_known():
-    base = ["model.n_layers=4", "model.d_model=64", "model.vocab_size=257"]
-    vanilla = flops_per_token(load_config(["configs/methods/vanilla.yaml"], base).model, 128, 2048)
-    for preset in ("surgery", "spectral", "gapfree", "shaped"):
-        assert flops_per_token(load_config([f"configs/methods/{preset}.yaml"], base).model, 128, 2048) > vanilla
+def test_each_preset_adds_exactly_its_own_work_and_peaks_are_known():
+    L, d, V, T, tokens = 4, 64, 257, 128, 2048
+    # 6N (N: Q, K, V, O, MLP up and down at ratio 4, the head) + attention's 12·L·T·d
+    vanilla = 6 * (L * (4 + 2 * 4) * d * d + V * d) + 12 * L * T * d
+    extra = {"vanilla": 0, "pre": 0, "deepnorm": 0,
+             "gapfree": 3 * 3 * d * L,  # 3 element-wise passes over [T, d] per layer, forward and backward
+             "shaped": 3 * 8 * d * L, "surgery": 3 * 4 * d * L,
+             "spectral": 3 * L * (4 * d**3 / 3 + d * d) / tokens}  # a d×d QR and U·diag(λ) per layer per step
+    for preset, added in extra.items():
+        cfg = load_config([f"configs/methods/{preset}.yaml"], [f"model.n_layers={L}", f"model.d_model={d}",
+                                                               f"model.vocab_size={V}"]).model
+        assert flops_per_token(cfg, T, tokens) == pytest.approx(vanilla + added, rel=1e-12), preset
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("cpu") is None
     assert peak_tflops("anything", override=100.0) == 100.0

@@ -227,6 +227,23 @@ def test_deepnorm_constants_and_beta_init():
     assert torch.equal(d0.attn.query_key.weight, b0.attn.query_key.weight)
 
 
+def test_gpt2_init_scales_the_residual_projections_by_depth():
+    """0.02 for W_Q and the other matrices; 0.02/sqrt(2L) for the two that write into the stream."""
+    L = 8
+    torch.manual_seed(0)
+    cfg = load_config(["configs/methods/vanilla.yaml"], [f"model.n_layers={L}", "model.d_model=128", "model.n_heads=4",
+                                                         "model.init=gpt2"]).model
+    blocks = Transformer(cfg).blocks
+    stds = {name: p.std().item() for name, p in blocks.named_parameters()}
+    query = [block.attn.query_key.weight[:128].std().item() for block in blocks]
+    for name, std in stds.items():
+        if name.endswith(("attn.value_output.output.weight", "mlp.down.weight")):
+            assert std == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05), name
+        elif name.endswith(("value.weight", "mlp.up.weight")):
+            assert std == pytest.approx(0.02, rel=0.05), name
+    assert query == pytest.approx([0.02] * L, rel=0.05)
+
+
 @pytest.mark.parametrize("scheme,std", [("gpt2", 0.02), ("fanin", 1 / math.sqrt(64))])
 def test_init_scheme_std(scheme, std):
     torch.manual_seed(0)
