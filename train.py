@@ -10,7 +10,6 @@ Everything is written into train.out_dir.
 """
 
 import argparse
-import collections
 import math
 import sys
 import time
@@ -132,16 +131,6 @@ def make_optimizer(model, t):
     return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
 
-def agreed_flags(flags, device):
-    """The max of each flag over all ranks, so every rank takes the same save/stop decision."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 def train(cfg, data_path, meta, grad_accum, resume, started):
     import deepspeed
     import torch
@@ -159,9 +148,10 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         describe,
         first_nonfinite_layer,
     )
-    from launch.preemption import REQUEUE, StopSignal, request_requeue
+    from launch.preemption import REQUEUE, request_requeue
     from launch.profiling import StepProfiler
     from launch.run_log import RunLog
+    from launch.step_policy import StepPolicy
     from model import Transformer
     from model.flops import flops_per_token, peak_tflops
     from monitors.collapse import CollapseMonitor
@@ -243,10 +233,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if start_step == 0:
             monitor.record(0)
 
-    stop = StopSignal(t.time_limit_minutes, started)
-    last_save, save_seconds, exit_code = time.monotonic(), 0.0, 0
-    bad_in_a_row = bad_total = 0
-    recent_losses = collections.deque(maxlen=t.spike_window)
+    policy = StepPolicy(t, started, device)
+    exit_code = 0
     tick = time.perf_counter()
     step = start_step
     while step < t.max_steps:
@@ -261,15 +249,13 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                                                   logging_step, monitor.before_step if monitoring else None)
         profiler.end(done)
         if skipped:
-            bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+            in_a_row, in_all = policy.skipped_step()
             x, _ = batches.micro_batch_at(samples_seen, 0, device)
             where = describe(model, agreed_min_layer(first_nonfinite_layer(model, engine, x), device),
                              getattr(optimizer, "bad_params", []))
-            log.write({"step": done, "skipped": True, "nonfinite": where, "bad_steps": bad_total}, "guard")
+            log.write({"step": done, "skipped": True, "nonfinite": where, "bad_steps": in_all}, "guard")
             log.info(f"step {done}: non-finite loss or gradient, first in {where}; step skipped "
-                     f"({bad_in_a_row} in a row, {bad_total} in all)")
-        else:
-            bad_in_a_row = 0
+                     f"({in_a_row} in a row, {in_all} in all)")
         samples_seen += batches.global_batch
         for line in batches.epochs_begun(samples_seen - batches.global_batch, samples_seen):
             log.info(line)
@@ -304,20 +290,8 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
             log.info(f"step {done}: final_eval_loss {final_loss:.4f} over {final.num_windows} windows spread over the "
                      "val split")
 
-        spiked = False
-        if t.spike_factor and not skipped:
-            local_loss = loss_sum.item() / grad_accum
-            full = len(recent_losses) == recent_losses.maxlen
-            spiked = full and local_loss > t.spike_factor * sum(recent_losses) / len(recent_losses)
-            if not spiked:
-                recent_losses.append(local_loss)
-        signalled, out_of_time, save_due, spiked = agreed_flags([
-            stop.signal is not None,
-            stop.out_of_time(time.perf_counter() - step_start, save_seconds),
-            t.save_every_minutes and time.monotonic() - last_save >= 60 * t.save_every_minutes,
-            spiked,
-        ], device)
-        point = checkpointer.newest() if spiked else None
+        decision = policy.after_step(done, loss_sum, grad_accum, skipped, time.perf_counter() - step_start)
+        point = checkpointer.newest() if decision.roll_back else None
         if point:
             # back to the last checkpoint's weights, optimizer, schedule and RNG; the data goes on, so
             # the batches since that checkpoint (the spike's among them) are skipped
@@ -331,23 +305,20 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                      f"{samples_seen - point.marker['samples_seen']} samples")
             step = point.step
             continue
-        if spiked:
+        if decision.roll_back:
             log.info(f"step {done}: loss spike, but no checkpoint to roll back to yet; continuing")
-        diverged = bad_in_a_row >= t.max_bad_steps
-        stopping = signalled or out_of_time or diverged or done == t.stop_at_step
-        if stopping or save_due or done == t.max_steps or (t.save_every and done % t.save_every == 0):
+        if decision.save:
             save_start = time.monotonic()
             checkpointer.save(done, samples_seen)
-            last_save, save_seconds = time.monotonic(), time.monotonic() - save_start
-        if stopping:
-            if diverged:
-                log.info(f"stopped: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps), first in {where}; "
-                         f"the checkpoint of step {done} holds the last good weights")
-                exit_code = DIVERGED
-                break
-            why = "a signal" if signalled else "the time limit" if out_of_time else "train.stop_at_step"
-            log.info(f"saved step {done} and stopped for {why}; the same command resumes")
-            if signalled or out_of_time:
+            policy.saved(save_start)
+        if decision.stop == "diverged":
+            log.info(f"stopped: {policy.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), first in "
+                     f"{where}; the checkpoint of step {done} holds the last good weights")
+            exit_code = DIVERGED
+            break
+        if decision.stop:
+            log.info(f"saved step {done} and stopped for {decision.stop}; the same command resumes")
+            if decision.requeue:
                 exit_code = REQUEUE
                 if rank == 0:
                     request_requeue()

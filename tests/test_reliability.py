@@ -19,6 +19,7 @@ from data.meta import DataError, read_prepared
 from launch.checkpoint import load_safely
 from launch.preemption import StopSignal
 from launch.run_dir import RunDir, read_jsonl
+from launch.step_policy import Decision
 from tests.conftest import COMMON, ROOT, launcher, records, run_cli, train
 
 
@@ -142,6 +143,40 @@ def test_time_limit_counts_from_the_start_of_the_process():
     stop = StopSignal(time_limit_minutes=1, started=time.monotonic() - 55)
     assert stop.out_of_time(step_seconds=1.0, save_seconds=2.0)  # 55 s of start-up already spent
     assert not StopSignal(time_limit_minutes=1).out_of_time(step_seconds=1.0, save_seconds=2.0)
+
+
+def test_the_step_policy_saves_rolls_back_and_stops_for_each_reason(request):
+    import signal
+
+    import torch
+
+    from configs import load_config
+    from launch.step_policy import StepPolicy
+
+    t = load_config([], ["train.max_steps=100", "train.save_every=10", "train.spike_factor=2", "train.spike_window=3",
+                         "train.max_bad_steps=2", "train.time_limit_minutes=1"]).train
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    policy = StepPolicy(t, started=time.monotonic(), device="cpu")  # takes SIGTERM and SIGUSR1, as train.py does
+    for sig, handler in handlers.items():
+        request.addfinalizer(lambda sig=sig, handler=handler: signal.signal(sig, handler))
+
+    def step(done, loss=1.0, skipped=False, seconds=0.1):
+        return policy.after_step(done, torch.tensor(loss), 1, skipped, seconds)
+
+    assert [step(i) for i in (1, 2, 3)][-1] == Decision(roll_back=False, save=False, stop=None)
+    assert step(10).save and not step(11).save  # train.save_every
+    assert step(12, loss=2.5).roll_back and not step(13, loss=1.5).roll_back  # > 2 × the mean of the last 3
+    policy.skipped_step()
+    assert step(14, skipped=True).stop is None
+    policy.skipped_step()
+    diverged = step(15, skipped=True)
+    assert (diverged.stop, diverged.save, diverged.requeue) == ("diverged", True, False)
+    assert step(16).stop is None  # a good step ends the run of bad ones
+    assert step(17, seconds=31).stop == "the time limit"  # two more such steps would not fit in the minute
+    os.kill(os.getpid(), signal.SIGUSR1)
+    stopped = step(18)
+    assert (stopped.stop, stopped.save, stopped.requeue) == ("a signal", True, True)
+    assert step(100).save  # the last step
 
 
 @pytest.mark.parametrize("left,minutes", [("UNLIMITED", 0), ("NOT_SET", 0), ("5:00", 1), ("1-02:03:04", 1553),
