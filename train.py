@@ -92,9 +92,7 @@ def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want
     """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None,
     skipped). before_step, if given, runs after the last backward, before the optimizer step (monitors).
 
-    `skipped` is the engine's own word: DeepSpeed's ZeRO, bf16 and fp16 wrappers find a non-finite
-    gradient norm and skip the step before the inner optimizer runs; the bare fp32 optimizer of
-    ZeRO-0 is a GuardedAdamW, which does the same and reports it the same way (`overflow`)."""
+    `skipped` is the engine's own word, whoever checked the step (launch/nonfinite.py)."""
     import torch
     import torch.nn.functional as F
 
@@ -147,6 +145,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         agreed_min_layer,
         describe,
         first_nonfinite_layer,
+        guard,
     )
     from launch.preemption import REQUEUE, request_requeue
     from launch.profiling import StepProfiler
@@ -197,6 +196,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                   ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    guard(engine, optimizer)
     device = engine.device
 
     checkpointer = Checkpointer(engine, cfg, rank, world_size, precision, meta["tokenizer"]["hash"], data_fingerprint(meta))
@@ -233,7 +233,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if start_step == 0:
             monitor.record(0)
 
-    policy = StepPolicy(t, started, device)
+    policy = StepPolicy(t, started)
     exit_code = 0
     tick = time.perf_counter()
     step = start_step

@@ -25,7 +25,9 @@ def deepspeed_config(train, precision, grad_accum):
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # off: ZeRO-1/2's per-tensor check (two isfinite per gradient tensor); GuardedAdamW checks the
+        # global norm instead (launch/nonfinite.py). On under offload, where the CPU Adam is not Fathom's
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": bool(train.offload_optimizer)},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # Fathom logs itself (metrics.jsonl, TensorBoard, tqdm); DeepSpeed's own prints would interleave
         "steps_per_print": 1 << 30,

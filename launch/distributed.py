@@ -86,6 +86,16 @@ def init_distributed():
     return rank, world_size, local_rank
 
 
+def host_group():
+    """The process group for values that live on the host (the step policy's flags): gloo, so that
+    agreeing on them every step never waits for the GPU stream. None without torch.distributed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def check_ranks_agree(facts, rank):
     """Stop every rank when one resolved something else than rank 0 (facts: name -> value).
 

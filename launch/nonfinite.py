@@ -2,13 +2,18 @@
 instead of poisoning the weights, names the first layer where it appeared, and stops the run with
 a checkpoint of the last good state after train.max_bad_steps bad steps in a row.
 
-DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16, offload) compute the global gradient norm,
-find it non-finite and skip the step themselves, before the inner optimizer runs; the engine then
-reports `was_step_applied() == False`. Only ZeRO-0 in fp32 hands the bare optimizer the gradients:
-there GuardedAdamW makes the same check (one fused norm, agreed over the ranks, plus the loss) and
-reports it the same way, through the `overflow` attribute the engine reads. Either way the weights,
-the optimizer state and the LR schedule stay those of the last good step; the data moves on, so the
-offending batch is skipped.
+One check per step, on one scalar, whoever makes it:
+- DeepSpeed's ZeRO-3, bf16 (ZeRO-0) and fp16 wrappers, and ZeRO-1/2 in fp32, find the global gradient
+  norm they compute for clipping non-finite and skip the step before the inner optimizer runs.
+- ZeRO-1/2 in bf16 would also run DeepSpeed's per-tensor check (`bf16.check_grad_overflow`: two
+  `isfinite` per gradient tensor, then a host read; thousands of kernels a step at 1,000 layers) and
+  skip nothing on the norm. The trainer turns that check off (launch/deepspeed_config.py) and
+  GuardedAdamW, the inner optimizer, checks the same global norm instead (`guard`).
+- ZeRO-0 in fp32 hands the bare GuardedAdamW the gradients: it checks one fused norm, agreed over the
+  ranks, plus the loss.
+Every way reports through the `overflow` attribute the engine reads, so the weights, the optimizer
+state and the LR schedule stay those of the last good step; the data moves on, so the offending
+batch is skipped.
 """
 
 import math
@@ -21,15 +26,28 @@ DIVERGED = 3  # exit code of a run stopped by the guard
 
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW whose step() is skipped, on every rank alike, when a gradient or the loss is non-finite.
-    The trainer sets `loss` (this rank's summed loss of the step) before the step."""
+    Which check it makes is set by `guard` once the engine exists; the trainer sets `loss` (this
+    rank's summed loss of the step) before each step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss = None
         self.overflow = False
         self.bad_params = []
+        self.check = self.own_check
+        self.checked = None  # (norm tensor, verdict): one check serves every param group of a step
 
     def step(self, closure=None):
+        self.overflow = bool(self.check()) if self.check else False
+        if self.overflow:
+            # module parameters themselves only under ZeRO-0 fp32; else flat partitions (named "a gradient")
+            self.bad_params = [p for g in self.param_groups for p in g["params"]
+                               if p.grad is not None and not torch.isfinite(p.grad).all()]
+            return None
+        return super().step(closure)
+
+    def own_check(self):
+        """ZeRO-0 fp32: one fused norm of this rank's gradients and its loss, agreed over the ranks."""
         from deepspeed.accelerator import get_accelerator
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -41,13 +59,32 @@ class GuardedAdamW(torch.optim.AdamW):
         bad = (~torch.cat(checked).isfinite()).any().float().to(device) if checked else torch.zeros((), device=device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item())
-        if self.overflow:
-            # module parameters themselves only under ZeRO-0 fp32; else flat partitions (named "a gradient")
-            self.bad_params = [p for g in self.param_groups for p in g["params"]
-                               if p.grad is not None and not torch.isfinite(p.grad).all()]
-            return None
-        return super().step(closure)
+        return bad.item()
+
+
+def guard(engine, optimizer):
+    """Settle who checks each step (module docstring), once the engine exists."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(optimizer, GuardedAdamW) or wrapper is optimizer:
+        return  # CPU Adam under offload (DeepSpeed's own check stays on), or the bare ZeRO-0 fp32 optimizer
+    optimizer.check = None  # the wrapper checks the norm itself and never calls the inner step on a bad one
+    if isinstance(wrapper, DeepSpeedZeroOptimizer) and wrapper.dtype == torch.bfloat16 and not wrapper.check_grad_overflow:
+        if not wrapper.compute_grad_norm:
+            wrapper.check_grad_overflow = True  # no norm to check (a user's zero_optimization.compute_grad_norm=false)
+            return
+
+        def global_norm_check():
+            # ZeRO-1/2 call the inner step once per param group, after the norm of all of them, so the
+            # norm tensor identifies the step; DeepSpeed marks a non-finite group norm as inf or -1
+            norm = wrapper._global_grad_norm
+            if optimizer.checked is None or optimizer.checked[0] is not norm:
+                optimizer.checked = norm, bool(~torch.isfinite(norm) | (norm < 0))
+                wrapper.overflow = wrapper.overflow or optimizer.checked[1]  # what the engine reads
+            return optimizer.checked[1]
+
+        optimizer.check = global_norm_check
 
 
 @torch.no_grad()

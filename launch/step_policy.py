@@ -3,13 +3,15 @@
 The policy owns what those decisions count: non-finite steps in a row and in all (the guard,
 launch/nonfinite.py), the recent losses of the loss-spike check, when the last save was and how
 long it took, and the stop signal and time limit (launch/preemption.py). Every rank asks it after
-every step and gets the same answer: the flags are agreed over the ranks in one all-reduce.
+every step and gets the same answer: the flags are agreed over the ranks in one all-reduce, on the
+host (launch.distributed.host_group), so that asking does not wait for the GPU.
 """
 
 import collections
 import time
 from dataclasses import dataclass
 
+from launch.distributed import host_group
 from launch.preemption import StopSignal
 
 
@@ -27,8 +29,8 @@ class Decision:
 
 
 class StepPolicy:
-    def __init__(self, t, started, device):
-        self.t, self.device = t, device
+    def __init__(self, t, started):
+        self.t, self.group = t, host_group()
         self.stop_signal = StopSignal(t.time_limit_minutes, started)
         self.bad_in_a_row = self.bad_total = 0
         self.recent_losses = collections.deque(maxlen=t.spike_window)
@@ -55,7 +57,7 @@ class StepPolicy:
             self.stop_signal.out_of_time(step_seconds, self.save_seconds),
             t.save_every_minutes and time.monotonic() - self.last_save >= 60 * t.save_every_minutes,
             spiked,
-        ], self.device)
+        ], self.group)
         diverged = self.bad_in_a_row >= t.max_bad_steps
         stop = ("diverged" if diverged else "a signal" if signalled else "the time limit" if out_of_time
                 else "train.stop_at_step" if done == t.stop_at_step else None)
@@ -68,12 +70,13 @@ class StepPolicy:
         self.save_seconds = self.last_save - started
 
 
-def agreed_flags(flags, device):
-    """The max of each flag over all ranks, so every rank takes the same save/stop decision."""
+def agreed_flags(flags, group):
+    """The max of each flag over the ranks of `group` (a host group, or None alone), so every rank
+    takes the same save/stop decision."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([float(f) for f in flags], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(f) for f in flags])
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]

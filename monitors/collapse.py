@@ -28,6 +28,9 @@ import torch
 from launch.run_dir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
 from monitors.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
 
+# a heatmap needs two records to be one, and its matplotlib layout costs ~0.4 s a figure (seconds a
+# record, most of a short run's start-up): drawn at the second record, then every fifth
+HEATMAP_EVERY = 5
 HEATMAP_METRICS = ("cos_sim", "t_sim", "stable_rank", "rms", "attn_sigma_ratio", "grad_norm", "update_ratio")
 
 
@@ -154,6 +157,9 @@ class CollapseMonitor:
                 self.warned.add(layer["layer"])
                 self.log.info(f"warning: layer {layer['layer']} collapsed at step {step} (cos_sim {layer['cos_sim']:.3f}, "
                               f"stable rank {layer['stable_rank']:.2f}): its tokens are growing alike")
+        n = len(self.history)
+        if n != 2 and n % HEATMAP_EVERY:
+            return self.deepest_cos
         from monitors.plot import heatmap_figure
 
         for metric in HEATMAP_METRICS:

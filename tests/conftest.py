@@ -72,13 +72,17 @@ def train(how, out_dir, data, *extra, check=True):
                    program=program, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, check=check)
 
 
+# ZeRO-2 on one rank takes the same save and load path as on two
+RESUMED = [("python", 0), ("torchrun", 0), ("torchrun", 2)]
+
+
 @pytest.fixture(scope="session")
 def resumed_runs(tiny_data, tmp_path_factory):
     """(launcher, ZeRO stage) -> (out_dir of the straight run, out_dir of the stopped-and-resumed run).
     Also keeps a copy of the 2-rank ZeRO-2 run as it was when stopped, for the 2 -> 1 resume."""
     root = tmp_path_factory.mktemp("resume")
     out = {}
-    for how, zero in [("python", 0), ("python", 2), ("torchrun", 0), ("torchrun", 2)]:
+    for how, zero in RESUMED:
         straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
         train(how, straight, tiny_data, f"train.zero_stage={zero}")
         train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")

@@ -156,7 +156,7 @@ def test_the_step_policy_saves_rolls_back_and_stops_for_each_reason(request):
     t = load_config([], ["train.max_steps=100", "train.save_every=10", "train.spike_factor=2", "train.spike_window=3",
                          "train.max_bad_steps=2", "train.time_limit_minutes=1"]).train
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    policy = StepPolicy(t, started=time.monotonic(), device="cpu")  # takes SIGTERM and SIGUSR1, as train.py does
+    policy = StepPolicy(t, started=time.monotonic())  # takes SIGTERM and SIGUSR1, as train.py does
     for sig, handler in handlers.items():
         request.addfinalizer(lambda sig=sig, handler=handler: signal.signal(sig, handler))
 
