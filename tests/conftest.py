@@ -48,6 +48,23 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+def made_once(tmp_path_factory, name, make):
+    """A session fixture's runs, made once for all the pytest-xdist workers of a session (the suite
+    runs on two, pyproject.toml): the first worker to ask makes them under a lock, the others wait
+    and read where they are. make(folder) returns something JSON can hold."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # the session's, shared by its workers
+    made = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not made.is_file():
+            (root / name).mkdir()
+            made.write_text(json.dumps(make(root / name)))
+    return json.loads(made.read_text())
+
+
 # the short runs of the distributed, resume and use tests
 STEPS, STOP = 6, 3
 # eval_batches=1000: the validation at the end covers the whole val split (tests/test_use.py evaluates it)
@@ -80,28 +97,37 @@ RESUMED = [("python", 0), ("torchrun", 0), ("torchrun", 2)]
 def resumed_runs(tiny_data, tmp_path_factory):
     """(launcher, ZeRO stage) -> (out_dir of the straight run, out_dir of the stopped-and-resumed run).
     Also keeps a copy of the 2-rank ZeRO-2 run as it was when stopped, for the 2 -> 1 resume."""
-    root = tmp_path_factory.mktemp("resume")
-    out = {}
-    for how, zero in RESUMED:
-        straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
-        train(how, straight, tiny_data, f"train.zero_stage={zero}")
-        train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")
-        if (how, zero) == ("torchrun", 2):
-            shutil.copytree(cut, root / "stopped-2-ranks")
-        train(how, cut, tiny_data, f"train.zero_stage={zero}")
-        out[how, zero] = straight, cut
-    out["stopped-2-ranks"] = root / "stopped-2-ranks"
+    def make(root):
+        out = {}
+        for how, zero in RESUMED:
+            straight, cut = root / f"{how}-zero{zero}-straight", root / f"{how}-zero{zero}-cut"
+            train(how, straight, tiny_data, f"train.zero_stage={zero}")
+            train(how, cut, tiny_data, f"train.zero_stage={zero}", f"train.stop_at_step={STOP}")
+            if (how, zero) == ("torchrun", 2):
+                shutil.copytree(cut, root / "stopped-2-ranks")
+            train(how, cut, tiny_data, f"train.zero_stage={zero}")
+            out[f"{how}-{zero}"] = str(straight), str(cut)
+        out["stopped-2-ranks"] = str(root / "stopped-2-ranks")
+        return out
+
+    made = made_once(tmp_path_factory, "resume", make)
+    out = {"stopped-2-ranks": Path(made.pop("stopped-2-ranks"))}
+    for key, (straight, cut) in made.items():
+        how, zero = key.rsplit("-", 1)
+        out[how, int(zero)] = Path(straight), Path(cut)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small prepared corpus: the stdlib's json and email packages, vocabulary 512."""
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    stdlib = sysconfig.get_paths()["stdlib"]
-    run_cli("-m", "data.prepare", "--input", f"{stdlib}/email/**/*.py", "--output", str(out), "--vocab-size", "512",
-            "--val-fraction", "0.1")
-    return out
+    def make(root):
+        stdlib = sysconfig.get_paths()["stdlib"]
+        run_cli("-m", "data.prepare", "--input", f"{stdlib}/email/**/*.py", "--output", str(root / "tiny"),
+                "--vocab-size", "512", "--val-fraction", "0.1")
+        return str(root / "tiny")
+
+    return Path(made_once(tmp_path_factory, "data", make))
 
 
 def train_tiny(data, out, *extra):
