@@ -227,7 +227,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
                   "data")
     monitor = None
     if cfg.monitor.every:
-        probe = ValBatches(sources, t.seq_len, cfg.monitor.batch, 1, 0, f"first:{cfg.monitor.batch}")
+        probe = ValBatches(sources, cfg.monitor.seq_len or t.seq_len, cfg.monitor.batch, 1, 0, f"first:{cfg.monitor.batch}")
         probe_tokens = next(probe.batches(device))[0]
         monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, run_dir.path, log, start_step)
         if start_step == 0:

@@ -167,6 +167,12 @@ def _check(cfg):
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
                           "lower train.seq_len or raise model.max_seq_len")
+    if cfg.monitor.seq_len > m.max_seq_len:
+        raise ConfigError(f"monitor.seq_len={cfg.monitor.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+                          "lower monitor.seq_len (0 probes train.seq_len tokens)")
+    if cfg.monitor.heads > m.n_heads:
+        raise ConfigError(f"monitor.heads={cfg.monitor.heads} exceeds model.n_heads={m.n_heads}: "
+                          f"choose 1 to {m.n_heads}, or 0 for every head")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer=true needs train.zero_stage >= 1: set train.zero_stage=2")
     if t.deepspeed_config and not Path(t.deepspeed_config).is_file():

@@ -211,10 +211,15 @@ class MonitorConfig:
                                     check=unit_interval)
     stable_rank_threshold: float = opt(1.2, "... when its stable rank falls to this (1 = all tokens on one direction); "
                                             "the monitors warn once per collapsed layer", check=(lambda v: v >= 1, "a number >= 1"))
-    batch: int = opt(4, "held-out sequences (of train.seq_len tokens) in the probe batch", check=positive)
+    batch: int = opt(4, "held-out sequences in the probe batch", check=positive)
+    seq_len: int = opt(0, "tokens per probe sequence (0 = train.seq_len); the attention metrics form a T×T matrix "
+                          "per sequence and head, so a long train.seq_len is probed on a shorter window",
+                       check=non_negative)
+    heads: int = opt(0, "heads whose attention entropy and sigma_2/sigma_1 are measured, evenly spaced (0 = every "
+                        "head)", check=non_negative)
     update_layers: int = opt(16, "blocks whose update-to-weight ratio is measured, evenly spaced with the first and "
-                                 "last (0 = every block): each needs its weights from before the step, copied to host "
-                                 "memory", check=non_negative, run_only=True)
+                                 "last (0 = every block): each rank copies its own share of their fp32 weights before "
+                                 "the step", check=non_negative, run_only=True)
 
 
 # Raised whenever a change makes an older config.yaml mean something else; configs.saved_config

@@ -97,8 +97,9 @@ class SoftmaxMixer(nn.Module):
         mean_v(): their cumulative mean. Both default to the training case (q covers all of k, v)."""
         return attend(q, k, v)
 
-    def attention_matrices(self, q, k):
-        """(softmax probabilities P, the effective mixing matrix A with out = A v), explicit T×T."""
+    def attention_matrices(self, q, k, heads=slice(None)):
+        """(softmax probabilities P, the effective mixing matrix A with out = A v), explicit T×T, for
+        q and k of the given heads (an index into the model's heads)."""
         p = causal_softmax(q, k, q.shape[-1] ** -0.5)
         return p, p
 
@@ -113,7 +114,7 @@ class GapFreeMixer(SoftmaxMixer):
     def forward(self, q, k, v, own_v=None, mean_v=None):
         return attend(q, k, v) - (mean_v() if mean_v else cumulative_mean(v))
 
-    def attention_matrices(self, q, k):
+    def attention_matrices(self, q, k, heads=slice(None)):
         p, _ = super().attention_matrices(q, k)
         return p, p - causal_uniform(q.shape[-2], q.device, p.dtype)
 
@@ -147,10 +148,10 @@ class ShapedMixer(nn.Module):
         per_head = lambda g: g.view(1, -1, 1, 1)  # noqa: E731
         return per_head(self.alpha) * own_v + per_head(self.beta) * attended - per_head(self.gamma) * mean
 
-    def attention_matrices(self, q, k):
+    def attention_matrices(self, q, k, heads=slice(None)):
         T = q.shape[-2]
         p = causal_softmax(q, k, self.scale)
-        per_head = lambda g: g.view(-1, 1, 1).to(p.dtype)  # noqa: E731
+        per_head = lambda g: g[heads].view(-1, 1, 1).to(p.dtype)  # noqa: E731
         eye, c = torch.eye(T, device=q.device, dtype=p.dtype), causal_uniform(T, q.device, p.dtype)
         return p, per_head(self.alpha) * eye + per_head(self.beta) * p - per_head(self.gamma) * c
 

@@ -1,37 +1,68 @@
 """Per-depth collapse monitors: watch rank collapse coming, layer by layer, while training.
 
-At step 0 and every `monitor.every` steps a fixed probe batch of held-out tokens goes through the
-model (no grad, eval mode; forward hooks, so the model code is untouched) and, for every layer
-(layer 0 = output of the first block), we record the hidden-state metrics of monitors/metrics.py
-(the same functions as `python -m monitors.probe`), the entropy of each head's attention rows, and
-sigma_2/sigma_1 of each head's effective attention matrix (A - C for gap removal, alpha I + beta P -
-gamma C for shaped attention), rebuilt explicitly here, off the training path. On the same steps
-the gradient norm of each block and its update-to-weight ratio |dW| / |W| are taken around the
-optimizer step through DeepSpeed's safe_get_full_* helpers, so every ZeRO stage gives full values.
-The ratio needs the weights from before the step: only `monitor.update_layers` evenly spaced blocks
-are copied, one at a time, to host memory, so a 1,000-layer model never holds a second copy of
-itself on the device (the gradient norm needs no copy and covers every block).
+At step 0 and every `monitor.every` steps a fixed probe batch of held-out tokens (`monitor.batch`
+sequences of `monitor.seq_len` tokens) goes through the model (no grad, eval mode; forward hooks,
+so the model code is untouched) and, for every layer (layer 0 = output of the first block), we
+record the hidden-state metrics of monitors/metrics.py (the same functions as `python -m
+monitors.probe`), the entropy of each head's attention rows, and sigma_2/sigma_1 of each head's
+effective attention matrix (A - C for gap removal, alpha I + beta P - gamma C for shaped attention),
+rebuilt explicitly here for `monitor.heads` evenly spaced heads, off the training path. Each layer
+is measured while its block runs, so no layer's output outlives it, and all of them are read from
+the device in one copy.
+
+On the same steps, around the optimizer step: the gradient norm of each block (DeepSpeed's full
+gradients, any ZeRO stage) and the update-to-weight ratio |dW| / |W| of `monitor.update_layers`
+evenly spaced blocks. The ratio needs the weights from before the step: each rank copies only its
+own share of the fp32 master weights (a ZeRO partition is 1/world of them), and one all-reduce
+sums the two norms over the ranks, so nothing holds a second full copy of a block.
 
 Every rank runs the probe (ZeRO-3 gathers parameters collectively); rank 0 writes
 `monitors.jsonl.gz` (4 significant digits: more than any plot or table shows), TensorBoard's
 run-level summaries first (`collapse/`: the deepest layer's cosine, the lowest stable rank, the
-number of collapsed layers), per-layer scalars in a group of their own
-(`layers/<metric>/layer_NNNN`, hundreds of cards in a deep model), a labelled layer × step heatmap
+number of collapsed layers), per-layer scalars in a group of their own (`layers/<metric>/layer_NNNN`
+up to 64 layers; deeper, min, median and max over the layers), a labelled layer × step heatmap
 figure per metric (`collapse_heatmap/<metric>`), and a warning the first time a layer collapses:
 its cosine similarity reaches `monitor.collapse_threshold` or its stable rank falls to
-`monitor.stable_rank_threshold`. Nothing here draws random numbers or changes a value the training
-step uses, so the trajectory is the same with monitors on or off.
+`monitor.stable_rank_threshold`. Nothing here draws from the global RNG or changes a value the
+training step uses, so the trajectory is the same with monitors on or off.
 """
+
+import contextlib
 
 import torch
 
 from launch.run_dir import RunDir, append_jsonl, read_jsonl, rewrite_jsonl
-from monitors.metrics import attention_entropy, collapsed, layer_metrics, sigma_ratio
+from monitors.metrics import attention_entropy, collapsed, hidden_state_metrics, read_once, sigma_ratio
 
 # a heatmap needs two records to be one, and its matplotlib layout costs ~0.4 s a figure (seconds a
 # record, most of a short run's start-up): drawn at the second record, then every fifth
 HEATMAP_EVERY = 5
 HEATMAP_METRICS = ("cos_sim", "t_sim", "stable_rank", "rms", "attn_sigma_ratio", "grad_norm", "update_ratio")
+# TensorBoard draws one card per scalar: past this many layers, each metric's spread over the layers
+# (min, median, max) instead; the heatmaps and monitors.jsonl.gz keep every layer
+MAX_LAYER_SCALARS = 64
+
+
+def evenly_spaced(n, k):
+    """k of range(n), evenly spaced with the first and the last (all of them when k is 0 or >= n)."""
+    if k == 0 or k >= n:
+        return list(range(n))
+    return [n - 1] if k == 1 else sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+@contextlib.contextmanager
+def block_hooks(model, on_block, on_mixer=None):
+    """While inside: on_block(i, output) after block i runs, and on_mixer(mixer, (q, k, v)) before
+    each attention mixer runs; the model code is untouched."""
+    handles = [b.register_forward_hook(lambda module, inputs, output, i=i: on_block(i, output.detach()))
+               for i, b in enumerate(model.blocks)]
+    if on_mixer is not None:
+        handles += [b.attn.mixer.register_forward_pre_hook(on_mixer) for b in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def full_grad(p):
@@ -40,11 +71,52 @@ def full_grad(p):
     return safe_get_full_grad(p)
 
 
-def full_param(p):
-    from deepspeed.utils import safe_get_full_fp32_param
+def zero0_masters(engine):
+    """{parameter: its fp32 master weights} under DeepSpeed's bf16/fp16 ZeRO-0 wrappers, which keep them
+    beside the module (FP16_UnfusedOptimizer: one tensor per parameter; FP16_Optimizer: one flat
+    tensor per group, its parameters in order) where DeepSpeed's safe_get_* helpers do not reach;
+    empty for every other optimizer."""
+    optimizer = getattr(engine, "optimizer", None)
+    masters = {}
+    for params, fp32 in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        masters.update(zip(params, fp32))
+    for params, flat in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups_flat", ())):
+        offset = 0
+        for p in params:
+            masters[p] = flat.narrow(0, offset, p.numel()).view_as(p)
+            offset += p.numel()
+    return masters
 
-    full = safe_get_full_fp32_param(p)
-    return p.detach() if full is None else full
+
+def own_fp32(p, masters):
+    """This rank's share of p's fp32 master weights, a view the optimizer step updates in place: its
+    ZeRO-3 partition, its fragment of the ZeRO-1/2 (or bf16 optimizer) flat partition, which may be
+    empty, its slice of a ZeRO-0 wrapper's flat master (`masters`), and p itself where the optimizer
+    steps the module's own weights. No collective and no copy."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        own = safe_get_local_fp32_param(p)
+    elif hasattr(p, "_hp_mapping"):
+        own = None if p._hp_mapping is None else p._hp_mapping.get_hp_fragment()
+    else:
+        own = masters.get(p, p.detach())
+    return p.new_empty(0, dtype=torch.float32) if own is None else own
+
+
+def squared_norm(tensors, device):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        if t is not None:
+            total += t.detach().double().pow(2).sum().to(device)
+    return total
+
+
+def sum_over_ranks(t):
+    """A tensor summed over the ranks, in place (one all-reduce; nothing to do in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
 
 
 def significant(value, digits=4):
@@ -58,10 +130,6 @@ def significant(value, digits=4):
     return value
 
 
-def norm_of(tensors):
-    return sum(float(t.double().pow(2).sum()) for t in tensors if t is not None) ** 0.5
-
-
 class CollapseMonitor:
     def __init__(self, forward, model, probe_tokens, cfg, out_dir, log, start_step=0):
         self.forward, self.model, self.probe = forward, model, probe_tokens
@@ -72,11 +140,11 @@ class CollapseMonitor:
         self.history = []
         self.rewind(start_step)
         self.warned = {layer["layer"] for r in self.history for layer in r["layers"] if self.is_collapsed(layer)}
-        self.gradients = None
         self.deepest_cos = self.history[-1]["layers"][-1]["cos_sim"] if self.history else None
-        n, k = len(model.blocks), cfg.update_layers
-        self.update_blocks = set(range(n)) if k == 0 or k >= n else \
-            {n - 1} if k == 1 else {round(i * (n - 1) / (k - 1)) for i in range(k)}
+        self.update_blocks = evenly_spaced(len(model.blocks), cfg.update_layers)
+        self.heads = evenly_spaced(model.blocks[0].attn.n_heads, cfg.heads)
+        self.device = next(model.parameters()).device
+        self.grad_norms = self.before = self.masters = None
 
     def rewind(self, step):
         """Forget the records after `step`: a resumed (or rolled back) run records them again."""
@@ -90,53 +158,75 @@ class CollapseMonitor:
     # ---- around the optimizer step ------------------------------------------------------------
 
     def before_step(self):
-        """Called after the last backward of a monitored step, before the optimizer step."""
-        self.gradients = [(norm_of(full_grad(p) for p in block.parameters()),
-                           [full_param(p).detach().to("cpu", copy=True) for p in block.parameters()]
-                           if i in self.update_blocks else None)
-                          for i, block in enumerate(self.model.blocks)]
+        """Called after the last backward of a monitored step, before the optimizer step: every
+        block's gradient norm (DeepSpeed's full gradients, one parameter at a time) and a copy of this
+        rank's share of the fp32 weights of the `monitor.update_layers` blocks, which the update
+        ratio needs. Under ZeRO that share is 1/world of a block, so nothing holds a full copy."""
+        self.grad_norms = torch.stack([squared_norm(map(full_grad, block.parameters()), self.device)
+                                       for block in self.model.blocks]).sqrt()
+        self.masters = zero0_masters(self.forward)
+        self.before = [[own_fp32(p, self.masters).clone() for p in self.model.blocks[i].parameters()]
+                       for i in self.update_blocks]
 
     def _gradient_metrics(self):
-        if self.gradients is None:
-            return [{} for _ in self.model.blocks]
-        out = []
-        for block, (grad_norm, before) in zip(self.model.blocks, self.gradients):
-            out.append({"grad_norm": grad_norm})
-            if before is not None:
-                update = norm_of(full_param(p).to("cpu") - b for p, b in zip(block.parameters(), before))
-                out[-1]["update_ratio"] = update / max(norm_of(before), 1e-30)
-        self.gradients = None
-        return out
+        """Per block: gradient norm, and |dW| / |W| of the update blocks from this rank's shares,
+        summed over the ranks in one all-reduce (a replicated share scales both norms alike)."""
+        metrics = [{} for _ in self.model.blocks]
+        if self.grad_norms is None:
+            return metrics
+        for m, g in zip(metrics, self.grad_norms):
+            m["grad_norm"] = g
+        sums = torch.stack([torch.stack([
+            squared_norm((own_fp32(p, self.masters) - b for p, b in zip(self.model.blocks[i].parameters(), before)), self.device),
+            squared_norm(before, self.device)]) for i, before in zip(self.update_blocks, self.before)])
+        update, weight = sum_over_ranks(sums).unbind(-1)
+        for i, ratio in zip(self.update_blocks, (update / weight.clamp_min(1e-60)).sqrt()):
+            metrics[i]["update_ratio"] = ratio
+        self.grad_norms = self.before = self.masters = None
+        return metrics
 
     # ---- the probe --------------------------------------------------------------------------
 
     @torch.no_grad()
     def _probe(self):
+        """Every layer's metrics on the probe batch, each computed as its block runs (no layer's
+        output is kept) and all read from the device at once."""
         hidden, attention = [], []
-
-        def on_block(module, inputs, output):
-            hidden.append(output.detach())
 
         def on_mixer(mixer, inputs):
             q, k, _ = inputs
-            p, a = mixer.attention_matrices(q.float(), k.float())
+            p, a = mixer.attention_matrices(q[:, self.heads].float(), k[:, self.heads].float(), self.heads)
             attention.append({"attn_entropy": attention_entropy(p), "attn_sigma_ratio": sigma_ratio(a)})
 
-        handles = [b.register_forward_hook(on_block) for b in self.model.blocks]
-        handles += [b.attn.mixer.register_forward_pre_hook(on_mixer) for b in self.model.blocks]
         was_training = self.model.training
         self.model.eval()
         try:
-            self.forward(self.probe)
+            with block_hooks(self.model, lambda i, output: hidden.append(hidden_state_metrics(output)), on_mixer):
+                self.forward(self.probe)
         finally:
             self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        return [{**m, **a} for m, a in zip(layer_metrics(hidden), attention)]
+        return [{"layer": i, **m, **a} for i, (m, a) in enumerate(zip(hidden, attention))]
+
+    def _layer_scalars(self, layers, step):
+        """`layers/<metric>/layer_NNNN` for every layer of a model up to MAX_LAYER_SCALARS layers deep;
+        deeper, `layers/<metric>/{min,median,max}` over the layers."""
+        by_metric = {}
+        for layer in layers:
+            for metric, value in layer.items():
+                if metric != "layer":
+                    by_metric.setdefault(metric, []).append(sum(value) / len(value) if isinstance(value, list) else value)
+        for metric, values in by_metric.items():
+            if len(layers) <= MAX_LAYER_SCALARS:
+                for layer, value in zip(layers, values):
+                    self.log.tb.add_scalar(f"layers/{metric}/layer_{layer['layer']:04d}", value, step)
+            else:
+                ordered = sorted(values)
+                for name, value in (("min", ordered[0]), ("median", ordered[len(ordered) // 2]), ("max", ordered[-1])):
+                    self.log.tb.add_scalar(f"layers/{metric}/{name}", value, step)
 
     def record(self, step):
         """Measure every layer now; rank 0 writes and warns. Returns the deepest layer's cosine."""
-        layers = [{**m, **g} for m, g in zip(self._probe(), self._gradient_metrics())]
+        layers = read_once([{**m, **g} for m, g in zip(self._probe(), self._gradient_metrics())])
         self.deepest_cos = layers[-1]["cos_sim"]
         if not self.log.enabled:
             return self.deepest_cos
@@ -147,12 +237,8 @@ class CollapseMonitor:
         tb.add_scalar("collapse/deepest_layer_cos_sim", layers[-1]["cos_sim"], step)
         tb.add_scalar("collapse/lowest_stable_rank", min(layer["stable_rank"] for layer in layers), step)
         tb.add_scalar("collapse/collapsed_layers", sum(map(self.is_collapsed, layers)), step)
+        self._layer_scalars(layers, step)
         for layer in layers:
-            for metric, value in layer.items():
-                if metric == "layer":
-                    continue
-                value = sum(value) / len(value) if isinstance(value, list) else value
-                tb.add_scalar(f"layers/{metric}/layer_{layer['layer']:04d}", value, step)
             if self.is_collapsed(layer) and layer["layer"] not in self.warned:
                 self.warned.add(layer["layer"])
                 self.log.info(f"warning: layer {layer['layer']} collapsed at step {step} (cos_sim {layer['cos_sim']:.3f}, "

@@ -25,30 +25,19 @@ def held_out_tokens(cfg, batch, seq_len):
     return torch.from_numpy(shards.windows(np.arange(batch))[:, :-1])
 
 
-def hidden_states(model, idx):
-    """The output of every block for input idx, collected with forward hooks."""
-    import torch
-
-    outputs = []
-    handles = [b.register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for b in model.blocks]
-    try:
-        with torch.no_grad():
-            model(idx)
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
 def probe(cfg, idx, seed=0):
-    """Per-layer metrics of the model `cfg.model` at init on tokens idx."""
+    """Per-layer metrics of the model `cfg.model` at init on tokens idx, each layer measured as it runs."""
     import torch
 
     from model import Transformer
-    from monitors.metrics import layer_metrics
+    from monitors.collapse import block_hooks
+    from monitors.metrics import hidden_state_metrics, read_once
 
     torch.manual_seed(seed)
-    return layer_metrics(hidden_states(Transformer(cfg.model).eval(), idx))
+    model, layers = Transformer(cfg.model).eval(), []
+    with torch.no_grad(), block_hooks(model, lambda i, output: layers.append({"layer": i, **hidden_state_metrics(output)})):
+        model(idx)
+    return read_once(layers)
 
 
 def plot(results, path, title):

@@ -47,6 +47,19 @@ def test_zero_stages_and_checkpointing_match_zero0(distributed_runs, run):
     assert losses(distributed_runs[run]) == pytest.approx(losses(distributed_runs["torchrun-zero0"]), rel=1e-5)
 
 
+@pytest.mark.parametrize("run", ["torchrun-zero1", "torchrun-zero2-checkpointing", "torchrun-zero3", "torchrun-zero2-offload"])
+def test_zero_stages_give_zero0s_update_ratios(distributed_runs, run):
+    """Each rank copies only its own share of the fp32 weights and one all-reduce sums the norms:
+    ZeRO-1/2/3, whose shares are partitions, give the update ratios of ZeRO-0, whose share is all."""
+    def monitored(name):
+        records = read_jsonl(distributed_runs[name] / "monitors.jsonl.gz")[1:]
+        return [layer[key] for r in records for layer in r["layers"] for key in ("grad_norm", "update_ratio")]
+
+    reference = monitored("torchrun-zero0")
+    assert len(reference) > 2 and all(value > 0 for value in reference)
+    assert monitored(run) == pytest.approx(reference, rel=2e-3)
+
+
 def test_zero3_builds_the_model_partitioned(distributed_runs):
     """Under deepspeed.zero.Init each of 2 ranks holds half the parameters right after construction
     (a model larger than one rank's memory can be built); without ZeRO-3 each holds all of them."""

@@ -10,13 +10,13 @@ import torch
 from configs import load_config
 from model import Transformer
 from model.attention import MIXERS
-from monitors.collapse import CollapseMonitor, significant
+from monitors.collapse import CollapseMonitor, block_hooks, significant
 from monitors.metrics import (
     attention_entropy,
     cos_sim,
     sigma_ratio,
     stable_rank,
-    stable_rank4,
+    stable_ranks,
     t_sim,
 )
 from tests.conftest import run_cli, train_tiny
@@ -36,7 +36,7 @@ def test_stable_rank_of_known_singular_values():
     s = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
     x = (U[:, :5] * s) @ V.T
     assert stable_rank(x[None]) == pytest.approx((s**2).sum().item() / 9)
-    assert stable_rank4(x[None]) == pytest.approx((s**4).sum().item() / 81)
+    assert stable_ranks(x[None])["stable_rank4"] == pytest.approx((s**4).sum().item() / 81)
 
 
 def test_attention_entropy_and_sigma_ratio():
@@ -95,6 +95,48 @@ def test_collapse_warning_once_per_layer_and_outputs(tmp_path):
     ax, colorbar = log.images["collapse_heatmap/cos_sim", 10].axes
     assert (ax.get_xlabel(), ax.get_ylabel(), colorbar.get_ylabel()) == ("step", "layer", "cos_sim")
     assert ax.images[0].get_clim() == (0, 1)  # a fixed colour range: steps and runs compare
+
+
+def test_monitor_metrics_equal_an_fp64_svd(tmp_path):
+    """The fp32 block Krylov method (stable ranks, attention sigma_2/sigma_1) against an exact fp64 SVD
+    of the same hidden states and attention matrices, as written, for every mixer, on models
+    moved off their init (6e-4: the file keeps 4 significant digits); with monitor.heads the subset
+    of heads is measured."""
+    for attention, init in (("softmax", "fanin"), ("gapfree", "gpt2"), ("shaped", "gpt2")):
+        cfg = load_config([], ["model.n_layers=6", "model.d_model=64", "model.n_heads=4", "model.vocab_size=64",
+                               f"model.attention={attention}", f"model.init={init}", "monitor.heads=2"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        for p in model.parameters():  # off the init's symmetries (shaped attention starts as exactly alpha I)
+            p.data += 0.05 * torch.randn_like(p)
+        idx = torch.randint(0, 64, (3, 48))  # above KRYLOV_STEPS x KRYLOV_BLOCK: the iterative path
+        hidden, attention_matrices = [], []
+        with torch.no_grad(), block_hooks(model, lambda i, out: hidden.append(out.double()), lambda mixer, qkv:
+                                          attention_matrices.append(mixer.attention_matrices(
+                                              qkv[0][:, [0, 3]], qkv[1][:, [0, 3]], [0, 3])[1])):
+            model(idx)
+        (tmp_path / attention).mkdir()
+        CollapseMonitor(model, model, idx, cfg.monitor, tmp_path / attention, FakeLog()).record(0)
+        layers = read_jsonl(tmp_path / attention / "monitors.jsonl.gz")[0]["layers"]
+        for layer, x, a in zip(layers, hidden, attention_matrices):
+            s = torch.linalg.svdvals(x)
+            assert layer["stable_rank"] == pytest.approx(((s / s[:, :1]) ** 2).sum(-1).mean().item(), rel=6e-4)
+            assert layer["stable_rank4"] == pytest.approx(((s / s[:, :1]) ** 4).sum(-1).mean().item(), rel=6e-4)
+            s = torch.linalg.svdvals(a.double())
+            assert layer["attn_sigma_ratio"] == pytest.approx((s[..., 1] / s[..., 0]).mean().item(), rel=6e-4)
+            assert len(layer["attn_entropy"]) == 2
+
+
+def test_deep_models_get_layer_summaries_in_tensorboard(tmp_path):
+    """Past 64 layers TensorBoard gets each metric's min, median and max over the layers, not a card per layer."""
+    cfg = load_config([], ["model.n_layers=65", "model.d_model=16", "model.n_heads=2", "model.vocab_size=64"])
+    model = Transformer(cfg.model)
+    log = FakeLog()
+    CollapseMonitor(model, model, torch.randint(0, 64, (2, 8)), cfg.monitor, tmp_path, log).record(0)
+    layers = read_jsonl(tmp_path / "monitors.jsonl.gz")[0]["layers"]
+    cos = sorted(layer["cos_sim"] for layer in layers)
+    assert len(layers) == 65 and not any(tag.startswith("layers/cos_sim/layer_") for tag, _ in log.scalars)
+    assert [significant(log.scalars[f"layers/cos_sim/{q}", 0]) for q in ("min", "median", "max")] == [cos[0], cos[32], cos[-1]]
 
 
 @pytest.fixture(scope="session")
