@@ -2,18 +2,22 @@
 
     python bench/step_time.py [--n-layers 32] [--d-model 64] [--seq-len 128] [--batch 16] [--repeats 7] [--compile]
     python bench/step_time.py --gpu      # the GPU table: 32 layers, d_model 1024, seq 2048, bf16
+    python bench/step_time.py --json F   # also the results as JSON (bench/gpu.py reads them)
 
 One step = forward, cross-entropy, backward and an AdamW update. The presets are timed in
 interleaved rounds (vanilla, pre, ..., vanilla, pre, ...) so that drifts of the machine hit
 all of them alike; the table shows each preset's median over the rounds and its ratio. With
 --compile each preset is also timed with its blocks compiled (as train.compile=true does).
-TFLOP/s counts model FLOPs (model/flops.py); MFU divides by the GPU's dense bf16 peak.
+TFLOP/s counts model FLOPs (model/flops.py); MFU divides by the GPU's dense bf16 peak. A variant
+that fails to build or compile (shaped attention under some inductor versions) gets its error in
+its row; the others are still timed.
 Every variant stays resident for the interleaving, so --gpu's depth is what 14 copies (7 presets,
 eager and compiled) of the model and their AdamW states fit in 80 GB; the step-time ratios between
 presets do not depend on depth, since every layer is the same.
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -77,6 +81,7 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--compile", action="store_true", help="also time each preset with its blocks compiled")
+    ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark's shape: 32 layers, d_model 1024, 16 heads, "
                                                        "seq 2048, batch 4, bf16, vocab 50304")
     args = ap.parse_args()
@@ -87,30 +92,51 @@ def main():
     dtype = getattr(torch, args.dtype)
     presets = args.presets.split(",")
     variants = [(p, c) for p in presets for c in ((False, True) if args.compile else (False,))]
-    steps = {v: make_step(*v[:1], args, device, dtype, compiled=v[1]) for v in variants}
+    steps, failed = {}, {}
     for v in variants:
-        for _ in range(args.warmup):
-            steps[v]()
-    times = {v: [] for v in variants}
+        try:  # a variant that does not build or compile is reported, not fatal: the others are still timed
+            steps[v] = make_step(*v[:1], args, device, dtype, compiled=v[1])
+            for _ in range(args.warmup):
+                steps[v]()
+        except Exception as e:  # noqa: BLE001
+            failed[v] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            steps.pop(v, None)
+    times = {v: [] for v in steps}
     for _ in range(args.repeats):
-        for v in variants:
+        for v in steps:
             times[v].append(timed(steps[v], device))
     median = {v: statistics.median(t) for v, t in times.items()}
     base = median[presets[0], False]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = peak_tflops(name) if device.type == "cuda" else None
     tokens = args.batch * args.seq_len
-    print(f"{name}; torch {torch.__version__}; {args.n_layers} layers, d_model {args.d_model}, "
-          f"batch {args.batch} x {args.seq_len}, {args.dtype}, median of {args.repeats}")
+    rows = []
+    for (p, compiled) in variants:
+        row = {"preset": p, "compiled": compiled}
+        if (p, compiled) in failed:
+            rows.append({**row, "failed": failed[p, compiled]})
+            continue
+        seconds = median[p, compiled]
+        tflops = flops_per_token(preset_config(p, args).model, args.seq_len, tokens) * tokens / seconds / 1e12
+        rows.append({**row, "ms": 1000 * seconds, "ratio": seconds / base, "tflops": tflops,
+                     "mfu": tflops / peak if peak else None,
+                     "vs_eager": seconds / median[p, False] if compiled and (p, False) in median else None})
+    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    header = (f"{name}; torch {torch.__version__}; {args.n_layers} layers, d_model {args.d_model}, "
+              f"batch {args.batch} x {args.seq_len}, {args.dtype}, median of {args.repeats}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "header": header, "rows": rows, "peak_memory_gib": memory}))
+    print(header)
     print(f"| preset | step time (ms) | ratio to {presets[0]} | compiled / eager | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
-    for (p, compiled), seconds in median.items():
-        tflops = flops_per_token(preset_config(p, args).model, args.seq_len, tokens) * tokens / seconds / 1e12
-        label = f"{p} (compiled)" if compiled else p
-        vs_eager = f"{seconds / median[p, False]:.3f}" if compiled else "–"
-        mfu = f"{tflops / peak:.3f}" if peak else "–"
-        print(f"| {label} | {1000 * seconds:.1f} | {seconds / base:.3f} | {vs_eager} | {tflops:.3g} | {mfu} |")
-
+    for r in rows:
+        label = f"{r['preset']} (compiled)" if r["compiled"] else r["preset"]
+        if "failed" in r:
+            print(f"| {label} | failed: {r['failed']} | | | | |")
+            continue
+        vs_eager = f"{r['vs_eager']:.3f}" if r["vs_eager"] else "–"
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] else "–"
+        print(f"| {label} | {r['ms']:.1f} | {r['ratio']:.3f} | {vs_eager} | {r['tflops']:.3g} | {mfu} |")
 
 if __name__ == "__main__":
     main()
