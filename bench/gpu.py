@@ -130,8 +130,10 @@ def table(results):
     if isinstance(monitors, dict):
         rows.append(f"| one monitor step (every {monitors['every']} steps) | {monitors['monitor_s'] / monitors['step_s']:.2f} "
                     f"training steps ({1000 * monitors['monitor_s']:.0f} ms); time ratio {monitors['ratio']:.4f} |")
-        rows.append(f"| the monitor's peak memory above its start | {monitors['monitor_peak_bytes'] / 2**20:.0f} MiB "
-                    f"({monitors['monitor_peak_bytes'] / monitors['layer_bytes']:.2f} layers' parameters) |")
+        extra = monitors["held_bytes"] + monitors["probe_peak_bytes"]
+        rows.append(f"| the monitor's extra memory (pre-step copies + probe) | {extra / 2**20:.0f} MiB "
+                    f"({extra / monitors['layer_bytes']:.2f} layers' parameters; a training step: "
+                    f"{monitors['step_peak_bytes'] / 2**30:.1f} GiB above its start) |")
     elif monitors:
         rows.append(f"| monitors | {monitors} |")
     return "\n".join(rows)

@@ -10,9 +10,9 @@ Times training steps (forward, loss, backward, optimizer) of the configured mode
 and, in the same process, monitored steps: the gradient norms and the pre-step copy around the
 optimizer step plus the probe forward and every metric. On a GPU (bf16 there) memory is torch's
 peak allocation; on the CPU the C heap's allocated bytes, sampled every millisecond by a thread.
-Reported: the peak of the monitor's own work (before_step through record) above the memory just
-before it, next to the peak of a whole training step above its start, so the two say whether
-monitoring can raise a run's peak. Ratio at cadence k = (k·step + monitor) / (k·step).
+Reported: what the monitor holds across the optimizer step (its pre-step copies) and the probe's
+peak above the memory just before it, next to the peak of a whole training step above its start,
+so together they say whether monitoring can raise a run's peak. Ratio at cadence k = (k·step + monitor) / (k·step).
 """
 
 import argparse
@@ -48,9 +48,12 @@ class Quiet:
 class DevicePeak:
     """The highest memory torch allocated on the GPU since the last reset."""
 
+    def now(self):
+        return torch.cuda.memory_allocated()
+
     def reset(self):
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        return self.now()
 
     @property
     def peak(self):
@@ -108,23 +111,25 @@ def main():
     layer_bytes = sum(p.numel() * p.element_size() for p in model.blocks[0].parameters())
 
     def step(monitored):
-        """(seconds, peak above the start of the whole step, peak above the start of the monitor's part)"""
+        """(seconds, peak above the step's start, the monitor's copies held across the optimizer step,
+        the probe's peak above the memory before it)"""
         sync()
         start, base = time.perf_counter(), memory.reset()
         F.cross_entropy(model(idx[:, :-1]).float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-        step_peak = memory.peak
-        monitor_peak = 0
+        step_peak, held, probe_peak = memory.peak, 0, 0
         if monitored:
-            monitor_base = memory.reset()
+            before = memory.now()
             monitor.before_step()
+            held = memory.now() - before
         opt.step()
         opt.zero_grad(set_to_none=True)
         if monitored:
+            probe_base = memory.reset()
             monitor.record(0)
             time.sleep(0.005)  # one more sample
-            monitor_peak = memory.peak - monitor_base
+            probe_peak = memory.peak - probe_base
         sync()
-        return time.perf_counter() - start, max(step_peak, memory.peak) - base, monitor_peak
+        return time.perf_counter() - start, max(step_peak, memory.peak) - base, held, probe_peak
 
     for monitored in (False, False, True):  # warm-up: first calls of every shape, untimed
         step(monitored)
@@ -133,17 +138,17 @@ def main():
         plain.append(step(False))
         if i % max(1, args.steps // args.monitor_steps) == 0:
             monitored.append(step(True))
-    step_s = statistics.median(s for s, _, _ in plain)
-    monitor_s = statistics.median(s for s, _, _ in monitored) - step_s
-    step_peak = max(p for _, p, _ in plain)
-    monitor_peak = max(m for _, _, m in monitored)
+    step_s = statistics.median(s[0] for s in plain)
+    monitor_s = statistics.median(s[0] for s in monitored) - step_s
+    step_peak = max(s[1] for s in plain)
+    held, probe_peak = max(s[2] for s in monitored), max(s[3] for s in monitored)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     header = (f"{name}; torch {torch.__version__}; {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, batch "
               f"{cfg.train.micro_batch_size} x {T}, {str(dtype).removeprefix('torch.')}, {'SGD' if args.sgd else 'AdamW'}; "
               f"probe {cfg.monitor.batch} x {probe.shape[1]}; monitor.update_layers {cfg.monitor.update_layers}")
     result = {"device": name, "header": header, "step_s": step_s, "monitor_s": monitor_s, "every": every,
               "ratio": (every * step_s + monitor_s) / (every * step_s), "step_peak_bytes": step_peak,
-              "monitor_peak_bytes": monitor_peak, "layer_bytes": layer_bytes}
+              "held_bytes": held, "probe_peak_bytes": probe_peak, "layer_bytes": layer_bytes}
     if args.json:
         Path(args.json).write_text(json.dumps(result))
     mb = lambda b: f"{b / 2**20:.1f} MB"  # noqa: E731
@@ -155,8 +160,10 @@ def main():
           f"({monitor_s / step_s:.2f} steps) |")
     print(f"| time ratio with monitors every {every} steps vs off | {result['ratio']:.4f} |")
     print(f"| a training step's peak memory above its start | {mb(step_peak)} |")
-    print(f"| the monitor's peak memory above its start | {mb(monitor_peak)} "
-          f"({monitor_peak / layer_bytes:.2f} layers' parameters) |")
+    print(f"| the monitor's copies held across the optimizer step | {mb(held)} ({held / layer_bytes:.2f} layers' "
+          "parameters) |")
+    print(f"| the probe's peak memory above the memory before it | {mb(probe_peak)} "
+          f"({probe_peak / layer_bytes:.2f} layers' parameters) |")
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
     python bench/step_time.py [--n-layers 32] [--d-model 64] [--seq-len 128] [--batch 16] [--repeats 7] [--compile]
     python bench/step_time.py --gpu      # the GPU table: 32 layers, d_model 1024, seq 2048, bf16
     python bench/step_time.py --json F   # also the results as JSON (bench/gpu.py reads them)
+    python bench/step_time.py --forward-backward   # without the optimizer step
 
 One step = forward, cross-entropy, backward and an AdamW update. The presets are timed in
 interleaved rounds (vanilla, pre, ..., vanilla, pre, ...) so that drifts of the machine hit
@@ -53,7 +54,8 @@ def make_step(preset, args, device, dtype, compiled=False):
     def step():
         logits = model(idx[:, :-1])
         F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten()).backward()
-        opt.step()
+        if not args.forward_backward:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -82,6 +84,8 @@ def main():
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--compile", action="store_true", help="also time each preset with its blocks compiled")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--forward-backward", action="store_true", help="time forward and backward only, no optimizer step "
+                                                                     "(where the methods' own work is)")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark's shape: 32 layers, d_model 1024, 16 heads, "
                                                        "seq 2048, batch 4, bf16, vocab 50304")
     args = ap.parse_args()
@@ -123,7 +127,8 @@ def main():
                      "vs_eager": seconds / median[p, False] if compiled and (p, False) in median else None})
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     header = (f"{name}; torch {torch.__version__}; {args.n_layers} layers, d_model {args.d_model}, "
-              f"batch {args.batch} x {args.seq_len}, {args.dtype}, median of {args.repeats}")
+              f"batch {args.batch} x {args.seq_len}, {args.dtype}, median of {args.repeats}"
+              + ("; forward + backward only" if args.forward_backward else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "header": header, "rows": rows, "peak_memory_gib": memory}))
     print(header)

@@ -15,7 +15,7 @@ def test_gpu_benchmark_writes_one_table_from_every_stage(tiny_data, tmp_path):
     labels = [row.split(" | ")[0].removeprefix("| ") for row in rows]
     assert labels[:2] == ["vanilla step, eager", "pre / vanilla, eager"]
     assert labels[2:4] == ["trainer, 2 layers (ZeRO-1, steps 2–4)", "trainer, 4 layers (ZeRO-1, steps 2–4)"]
-    assert labels[4:] == ["one monitor step (every 100 steps)", "the monitor's peak memory above its start"]
+    assert labels[4:] == ["one monitor step (every 100 steps)", "the monitor's extra memory (pre-step copies + probe)"]
     assert all("tokens/s" in row for row in rows[2:4]) and "training steps" in rows[4]
 
 
