@@ -43,7 +43,7 @@ def stages(smoke, tmp, data=None):
     if smoke:
         step_args = ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--batch", "2",
                      "--vocab", "256", "--repeats", "1", "--warmup", "1", "--presets", "vanilla,pre"]
-        depths, width, steps, limit = (2, 4), SMOKE_WIDTH, 4, 60
+        depths, width, steps, limit = (2,), SMOKE_WIDTH, 4, 60  # one trainer launch: the loop is the same
     else:
         step_args = ["--gpu", "--compile", "--repeats", "5"]
         depths, width, steps, limit = (64, 128), WIDTH, TRAIN_STEPS, 110

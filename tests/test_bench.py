@@ -14,9 +14,9 @@ def test_gpu_benchmark_writes_one_table_from_every_stage(tiny_data, tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     labels = [row.split(" | ")[0].removeprefix("| ") for row in rows]
     assert labels[:2] == ["vanilla step, eager", "pre / vanilla, eager"]
-    assert labels[2:4] == ["trainer, 2 layers (ZeRO-1, steps 2–4)", "trainer, 4 layers (ZeRO-1, steps 2–4)"]
-    assert labels[4:] == ["one monitor step (every 100 steps)", "the monitor's extra memory (pre-step copies + probe)"]
-    assert all("tokens/s" in row for row in rows[2:4]) and "training steps" in rows[4]
+    assert labels[2:] == ["trainer, 2 layers (ZeRO-1, steps 2–4)", "one monitor step (every 100 steps)",
+                          "the monitor's extra memory (pre-step copies + probe)"]
+    assert "tokens/s" in rows[2] and "training steps" in rows[3]
 
 
 def test_gpu_benchmark_without_a_gpu_says_so():
