@@ -17,7 +17,7 @@ def test_the_default_run_is_what_the_readme_says():
     assert (f"a **{m.n_layers}-layer**, d_model {m.d_model}, {m.n_heads}-head {m.norm}-norm LM" in readme
             and f"trained for {t.max_steps} steps of {t.micro_batch_size} × {t.seq_len} tokens" in readme)
     assert f"({Transformer(m).num_parameters() / 1e6:.1f} M parameters)" in readme
-    assert (m.n_layers, m.norm, m.surgery.site, m.head_bias) == (32, "post", "residual", "log_unigram")
+    assert (m.n_layers, m.norm, m.surgery.site, m.head_bias) == (32, "post", "none", "log_unigram")
 
 
 def test_later_files_win_then_overrides(tmp_path):
