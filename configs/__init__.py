@@ -38,6 +38,7 @@ SINCE = {
         "monitor.stable_rank_threshold": 1.0,  # collapse was called by cosine alone
     },
     2: {"monitor.update_layers": 0},  # every block's update ratio
+    3: {"monitor.seq_len": 0, "monitor.heads": 0},  # the probe at train.seq_len, every head
 }
 
 

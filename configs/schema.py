@@ -224,7 +224,7 @@ class MonitorConfig:
 
 # Raised whenever a change makes an older config.yaml mean something else; configs.saved_config
 # reads older files as they ran (configs/__init__.py, SINCE).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass
