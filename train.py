@@ -21,6 +21,7 @@ from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, gathered, grad_accum_steps
 from launch.distributed import check_extension_build_locks, fill_launcher_env
+from launch.preemption import StopSignal
 from launch.provenance import provenance
 from launch.run_dir import RunDir, write_atomically
 
@@ -129,7 +130,7 @@ def make_optimizer(model, t):
     return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
 
-def train(cfg, data_path, meta, grad_accum, resume, started):
+def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -233,7 +234,7 @@ def train(cfg, data_path, meta, grad_accum, resume, started):
         if start_step == 0:
             monitor.record(0)
 
-    policy = StepPolicy(t, started)
+    policy = StepPolicy(t, stop_signal)
     exit_code = 0
     tick = time.perf_counter()
     step = start_step
@@ -334,6 +335,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     paths = args.config or [Path(__file__).parent / DEFAULT_CONFIG]
     cfg = exit_on_error(load_config, paths, args.overrides)
+    # before the slow part of start-up: SIGTERM or SLURM's SIGUSR1 from here on saves after the first
+    # step instead of killing the process (in the middle of a DeepSpeed op build, say, leaving its lock)
+    stop_signal = StopSignal(cfg.train.time_limit_minutes, started)
     data_path, meta = exit_on_error(resolve_data, cfg)
     _, world_size, _ = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
@@ -341,7 +345,7 @@ def main(argv=None):
     if not resume:
         exit_on_error(check_fresh_start, cfg)
     exit_on_error(check_extension_build_locks)
-    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume, started))
+    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume, stop_signal))
 
 
 if __name__ == "__main__":

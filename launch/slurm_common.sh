@@ -1,11 +1,12 @@
 # Sourced by the sbatch scripts in launch/: the job's remaining wall time for
 # train.time_limit_minutes, and the requeue that continues a run which stopped to save.
 
-# Minutes left in this allocation, less a margin (FATHOM_MARGIN_MINUTES, default 10): train.py
-# saves and exits (code 75) before this budget runs out, so the job never dies mid-step. 0 (no
-# limit) for an UNLIMITED allocation; at least 1 for a nearly expired one, so the run saves at once.
+# Minutes left in this allocation (to the hundredth), less a margin (FATHOM_MARGIN_MINUTES, default 10,
+# fractions allowed): train.py saves and exits (code 75) before this budget runs out, so the job
+# never dies mid-step. 0 (no limit) for an UNLIMITED allocation. A job shorter than twice the margin
+# stops here (exit 2): it would save after a step or two, requeue, and do the same again forever.
 time_left_minutes() {
-  local left d=0 h=0 m=0 s=0 minutes
+  local left d=0 h=0 m=0 s=0
   left=$(squeue -h -j "$SLURM_JOB_ID" -o %L)
   case "$left" in
     UNLIMITED|NOT_SET|INVALID|"") echo 0; return ;;
@@ -17,8 +18,14 @@ time_left_minutes() {
     2) m=${parts[0]}; s=${parts[1]} ;;
     1) s=${parts[0]} ;;
   esac
-  minutes=$(( (10#$d * 1440 + 10#$h * 60 + 10#$m) - ${FATHOM_MARGIN_MINUTES:-10} ))
-  echo $(( minutes > 0 ? minutes : 1 ))
+  awk -v sec=$(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s )) -v margin="${FATHOM_MARGIN_MINUTES:-10}" 'BEGIN {
+    if (sec / 60 < 2 * margin) {
+      printf "error: this job has %.1f minutes, less than twice FATHOM_MARGIN_MINUTES=%s: it would save and requeue " \
+             "every few steps; give it more --time or a smaller FATHOM_MARGIN_MINUTES\n", sec / 60, margin > "/dev/stderr"
+      exit 2
+    }
+    printf "%.2f\n", sec / 60 - margin
+  }'
 }
 
 # train.py creates $FATHOM_REQUEUE_FILE when it saved and stopped early (SIGTERM/SIGUSR1 or its

@@ -29,9 +29,11 @@ class Decision:
 
 
 class StepPolicy:
-    def __init__(self, t, started):
+    def __init__(self, t, stop_signal: StopSignal):
+        """stop_signal: made when the process starts, so that a signal during start-up (imports, a
+        checkpoint load that can take minutes) is kept for the first step, not fatal."""
         self.t, self.group = t, host_group()
-        self.stop_signal = StopSignal(t.time_limit_minutes, started)
+        self.stop_signal = stop_signal
         self.bad_in_a_row = self.bad_total = 0
         self.recent_losses = collections.deque(maxlen=t.spike_window)
         self.last_save, self.save_seconds = time.monotonic(), 0.0

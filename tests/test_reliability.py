@@ -151,12 +151,13 @@ def test_the_step_policy_saves_rolls_back_and_stops_for_each_reason(request):
     import torch
 
     from configs import load_config
+    from launch.preemption import StopSignal
     from launch.step_policy import StepPolicy
 
     t = load_config([], ["train.max_steps=100", "train.save_every=10", "train.spike_factor=2", "train.spike_window=3",
                          "train.max_bad_steps=2", "train.time_limit_minutes=1"]).train
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    policy = StepPolicy(t, started=time.monotonic())  # takes SIGTERM and SIGUSR1, as train.py does
+    policy = StepPolicy(t, StopSignal(t.time_limit_minutes))  # takes SIGTERM and SIGUSR1, as train.py does
     for sig, handler in handlers.items():
         request.addfinalizer(lambda sig=sig, handler=handler: signal.signal(sig, handler))
 
@@ -179,16 +180,21 @@ def test_the_step_policy_saves_rolls_back_and_stops_for_each_reason(request):
     assert step(100).save  # the last step
 
 
-@pytest.mark.parametrize("left,minutes", [("UNLIMITED", 0), ("NOT_SET", 0), ("5:00", 1), ("1-02:03:04", 1553),
-                                          ("45:10", 35)])
-def test_slurm_time_left(tmp_path, left, minutes):
+@pytest.mark.parametrize("left,margin,minutes", [("UNLIMITED", "10", "0"), ("NOT_SET", "10", "0"), ("19:59", "10", None),
+                                                 ("1-02:03:04", "10", "1553.07"), ("45:10", "10", "35.17"),
+                                                 ("1:00", "0.5", "0.50")])
+def test_slurm_time_left(tmp_path, left, margin, minutes):
     fake = tmp_path / "squeue"
     fake.write_text(f"#!/bin/sh\necho '{left}'\n")
     fake.chmod(0o755)
     out = subprocess.run(["bash", "-c", f". {ROOT}/launch/slurm_common.sh && time_left_minutes"], capture_output=True,
                          text=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "1",
-                                         "SLURM_SUBMIT_DIR": str(tmp_path)})
-    assert out.stdout.strip() == str(minutes), out.stderr
+                                         "SLURM_SUBMIT_DIR": str(tmp_path),
+                                         "FATHOM_MARGIN_MINUTES": margin})
+    if minutes is None:  # shorter than twice the margin: it would requeue itself forever
+        assert out.returncode == 2 and out.stderr.startswith("error: this job has 20.0 minutes, less than twice")
+    else:
+        assert (out.returncode, out.stdout.strip()) == (0, minutes), out.stderr
 
 
 @pytest.mark.parametrize("env,ranks", [({"SLURM_GPUS_ON_NODE": "4"}, "4"), ({"FATHOM_RANKS_PER_NODE": "2"}, "2"),
