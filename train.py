@@ -235,6 +235,7 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
             monitor.record(0)
 
     policy = StepPolicy(t, stop_signal)
+    stop_signal.release()
     exit_code = 0
     tick = time.perf_counter()
     step = start_step
@@ -338,6 +339,7 @@ def main(argv=None):
     # before the slow part of start-up: SIGTERM or SLURM's SIGUSR1 from here on saves after the first
     # step instead of killing the process (in the middle of a DeepSpeed op build, say, leaving its lock)
     stop_signal = StopSignal(cfg.train.time_limit_minutes, started)
+    stop_signal.hold()
     data_path, meta = exit_on_error(resolve_data, cfg)
     _, world_size, _ = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 REQUEUE = 75  # EX_TEMPFAIL: "saved, start me again"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def request_requeue():
@@ -28,8 +29,20 @@ class StopSignal:
         self.started = time.monotonic() if started is None else started
         self.budget = time_limit_minutes * 60
         self.slowest_step = 0.0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in SIGNALS:
             signal.signal(sig, self._handle)
+
+    def hold(self):
+        """Keep the signals pending through start-up. SLURM signals every process of a job step, and
+        the processes start-up spawns (the ninja build of a DeepSpeed op, compile workers) would die
+        of them: the run fails, and a build killed half-way leaves a lock that the next job waits on.
+        A blocked signal stays blocked in those children, and reaches this process at `release`."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+
+    def release(self):
+        """Start-up is over: a signal that came during it is handled now, and stops the run after its
+        first step."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name

@@ -32,6 +32,11 @@ time_left_minutes() {
 # time limit): put the job back in the queue; the next start resumes (train.resume=auto).
 export FATHOM_REQUEUE_FILE="${SLURM_SUBMIT_DIR}/.fathom-requeue-${SLURM_JOB_ID}"
 rm -f "$FATHOM_REQUEUE_FILE"
+# files of this job removed however it ends: a cancelled job (SIGTERM to this shell) never reaches
+# requeue_if_asked, and its requeue file would stay in the submit directory
+FATHOM_CLEANUP=("$FATHOM_REQUEUE_FILE")
+trap 'rm -f "${FATHOM_CLEANUP[@]}"' EXIT
+trap 'exit 143' TERM
 requeue_if_asked() {
   if [ -f "$FATHOM_REQUEUE_FILE" ]; then
     rm -f "$FATHOM_REQUEUE_FILE"

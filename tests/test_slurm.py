@@ -21,10 +21,12 @@ from tests.conftest import COMMON, ROOT, launcher, losses, records, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# a constant lr after the warm-up: a shorter run's losses are a prefix of a longer one's; micro batch
-# 32: ~20 steps/s on a 2-core machine, so that LONG outlasts a job of the time-limit test
-RUN = [*COMMON, "train.min_lr_ratio=1", "train.eval_batches=2", "train.micro_batch_size=32"]
-SHORT, LONG = 40, 600
+# A small model whose steps take ~0.1 s on a 2-core machine, so that LONG outlasts a job of the
+# time-limit test at any load; a constant lr after the warm-up, so that a shorter run's losses are a
+# prefix of a longer one's.
+RUN = [*COMMON, "model.n_layers=4", "model.d_model=128", "model.n_heads=4", "train.seq_len=64",
+       "train.micro_batch_size=16", "train.min_lr_ratio=1", "train.eval_batches=2"]
+SHORT, LONG = 30, 300
 SCRIPTS = {  # the resources a user gives a CPU allocation on the command line, per script
     "srun": ["--ntasks-per-node=2", "--cpus-per-task=1"],
     "torchrun": ["--ntasks-per-node=1", "--cpus-per-task=2"],
@@ -100,6 +102,20 @@ def wait_for(predicate, job_id, timeout=120):
     raise AssertionError(f"job {job_id}: condition not met in {timeout} s")
 
 
+def holding_signals(job_id):
+    """Both ranks of the job are in start-up, with SIGTERM and SIGUSR1 blocked (launch/preemption.py)."""
+    held = (1 << (15 - 1)) | (1 << (10 - 1))  # SIGTERM, SIGUSR1 in /proc's SigBlk mask
+    rows = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout.splitlines()[1:]
+    masks = []
+    for pid, _, step, *_ in (row.split() for row in rows):
+        try:
+            if step == "0" and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1] == b"train.py":  # a rank
+                masks.append(int(re.search(r"SigBlk:\s*(\w+)", Path(f"/proc/{pid}/status").read_text()).group(1), 16))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return len(masks) == 2 and all(m & held == held for m in masks)
+
+
 def logged_step(out, step):
     return lambda: (out / "metrics.jsonl").is_file() and any(r["step"] >= step for r in records(out))
 
@@ -151,15 +167,18 @@ def test_a_time_limit_saves_requeues_and_the_run_finishes(slurm, tiny_data, refe
     assert_same_run(out, reference, LONG)
 
 
-@pytest.mark.parametrize("signal", ["USR1", "TERM"])
-def test_a_signal_saves_requeues_and_the_run_finishes(slurm, tiny_data, reference, tmp_path, signal):
+@pytest.mark.parametrize("signal,when", [("USR1", "mid-run"), ("TERM", "mid-run"), ("USR1", "start-up")])
+def test_a_signal_saves_requeues_and_the_run_finishes(slurm, tiny_data, reference, tmp_path, signal, when):
+    """Mid-run, or as soon as the ranks start: in the imports, the process-group set-up and the build
+    check of DeepSpeed's ops, whose ninja child gets the signal too."""
     out = tmp_path / "run"
     job_id = sbatch("srun", tmp_path, *run_args(tiny_data, out))
-    wait_for(logged_step(out, 5), job_id)
+    wait_for(logged_step(out, 5) if when == "mid-run" else lambda: holding_signals(job_id), job_id)
     subprocess.run(["scancel", f"--signal={signal}", job_id], check=True)
     info = wait(job_id)
     log = slurm_log(tmp_path, job_id)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert ("saved step 1 and stopped for a signal" in log) == (when == "start-up"), log
     assert "stopped for a signal" in log
     assert_same_run(out, reference, SHORT)
 
@@ -180,6 +199,7 @@ def test_a_cancel_during_a_save_keeps_the_last_checkpoint(slurm, tiny_data, refe
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm_log(tmp_path, job_id)
     assert "resumed from" in slurm_log(tmp_path, job_id)
     assert_same_run(out, reference, SHORT)
+    assert not list(ROOT.glob(".fathom-requeue-*")), "the cancelled job left its requeue file in the checkout"
 
 
 def test_a_diverged_run_exits_3_and_is_not_requeued(slurm, tiny_data, tmp_path):
@@ -197,7 +217,7 @@ def test_the_sweep_array_job_runs_retries_a_killed_cell_and_reports(slurm, tiny_
     cells are skipped, the cancelled one resumes from its checkpoint, and --report tables all four."""
     out = tmp_path / "sweep"
     sweep = ["tools/sweep.py", "--depths", "1,2", "--methods", "vanilla,pre", "--output", str(out),
-             *[a for a in RUN if not a.startswith("model.n_layers")], "train.max_steps=60", "train.save_every=5",
+             *[a for a in COMMON if not a.startswith("model.n_layers")], "train.max_steps=60", "train.save_every=5",
              f"data.path={tiny_data}"]
     run_cli(*sweep, "--slurm")
     array = ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks=1", "--cpus-per-task=1", str(out / "sweep.sbatch")]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A one-node SLURM on this machine for the scheduler tests (tests/test_slurm.py): installs Debian's
-# slurm-wlm and munge when missing (needs root and apt), writes a slurm.conf for this host's CPUs and
-# starts munged, slurmctld and slurmd. Idempotent: a second call finds them running and only waits for
+# slurm-wlm and munge when missing (needs root and apt), writes a slurm.conf for all of this host's
+# CPUs and starts munged, slurmctld and slurmd. Idempotent: a second call finds them running and only waits for
 # the node to be idle. `tests/slurm/stop.sh` stops the daemons.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "tests/slurm/start.sh: needs root (to install slurm-wlm and run slurmd)" >&2; exit 1; }
@@ -11,6 +11,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 
 HOST=$(hostname -s)
+# the daemons count the CPUs they may run on: started from a process pinned to fewer (taskset), the
+# node would shrink to those
+command -v taskset >/dev/null && taskset -cp "0-$(( $(nproc --all) - 1 ))" $$ >/dev/null
 CONF=/etc/slurm/slurm.conf
 if [ ! -f /etc/munge/munge.key ]; then
   mungekey --create >/dev/null 2>&1 || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
@@ -48,7 +51,7 @@ KillWait=10
 OverTimeLimit=0
 InactiveLimit=0
 MessageTimeout=10
-NodeName=$HOST CPUs=$(nproc) RealMemory=$MEM State=UNKNOWN
+NodeName=$HOST CPUs=$(nproc --all) RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONFEOF
 if ! cmp -s "$CONF.new" "$CONF" 2>/dev/null; then
