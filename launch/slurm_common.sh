@@ -1,15 +1,13 @@
 # Sourced by the sbatch scripts in launch/: the job's remaining wall time for
 # train.time_limit_minutes, and the requeue that continues a run which stopped to save.
 
-# Minutes left in this allocation (to the hundredth), less a margin (FATHOM_MARGIN_MINUTES, default 10,
-# fractions allowed): train.py saves and exits (code 75) before this budget runs out, so the job
-# never dies mid-step. 0 (no limit) for an UNLIMITED allocation. A job shorter than twice the margin
-# stops here (exit 2): it would save after a step or two, requeue, and do the same again forever.
-time_left_minutes() {
+# Seconds in squeue's duration field $1 of this job (%L: time left, %l: time limit); empty when the
+# allocation has no limit.
+job_seconds() {
   local left d=0 h=0 m=0 s=0
-  left=$(squeue -h -j "$SLURM_JOB_ID" -o %L)
+  left=$(squeue -h -j "$SLURM_JOB_ID" -o "$1")
   case "$left" in
-    UNLIMITED|NOT_SET|INVALID|"") echo 0; return ;;
+    UNLIMITED|NOT_SET|INVALID|"") return ;;
     *-*) d=${left%%-*}; left=${left#*-} ;;
   esac
   IFS=: read -r -a parts <<< "$left"
@@ -18,13 +16,26 @@ time_left_minutes() {
     2) m=${parts[0]}; s=${parts[1]} ;;
     1) s=${parts[0]} ;;
   esac
-  awk -v sec=$(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s )) -v margin="${FATHOM_MARGIN_MINUTES:-10}" 'BEGIN {
-    if (sec / 60 < 2 * margin) {
-      printf "error: this job has %.1f minutes, less than twice FATHOM_MARGIN_MINUTES=%s: it would save and requeue " \
-             "every few steps; give it more --time or a smaller FATHOM_MARGIN_MINUTES\n", sec / 60, margin > "/dev/stderr"
+  echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+
+# Minutes left in this allocation (to the hundredth), less a margin (FATHOM_MARGIN_MINUTES, default 10,
+# fractions allowed): train.py saves and exits (code 75) before this budget runs out, so the job
+# never dies mid-step. 0 (no limit) for an UNLIMITED allocation. A job whose time limit is shorter
+# than twice the margin stops here (exit 2): it would save after a step or two, requeue, and do the
+# same again forever. The limit, not the time left, is checked: a job is seconds into its limit here.
+time_left_minutes() {
+  local left limit
+  left=$(job_seconds %L)
+  if [ -z "$left" ]; then echo 0; return; fi
+  limit=$(job_seconds %l)
+  awk -v left="$left" -v limit="${limit:-$left}" -v margin="${FATHOM_MARGIN_MINUTES:-10}" 'BEGIN {
+    if (limit / 60 < 2 * margin) {
+      printf "error: this job has a time limit of %.1f minutes, less than twice FATHOM_MARGIN_MINUTES=%s: it would " \
+             "save and requeue every few steps; give it more --time or a smaller FATHOM_MARGIN_MINUTES\n", limit / 60, margin > "/dev/stderr"
       exit 2
     }
-    printf "%.2f\n", sec / 60 - margin
+    printf "%.2f\n", left / 60 - margin
   }'
 }
 

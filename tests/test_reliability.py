@@ -180,19 +180,21 @@ def test_the_step_policy_saves_rolls_back_and_stops_for_each_reason(request):
     assert step(100).save  # the last step
 
 
-@pytest.mark.parametrize("left,margin,minutes", [("UNLIMITED", "10", "0"), ("NOT_SET", "10", "0"), ("19:59", "10", None),
-                                                 ("1-02:03:04", "10", "1553.07"), ("45:10", "10", "35.17"),
-                                                 ("1:00", "0.5", "0.50")])
-def test_slurm_time_left(tmp_path, left, margin, minutes):
-    fake = tmp_path / "squeue"
-    fake.write_text(f"#!/bin/sh\necho '{left}'\n")
+@pytest.mark.parametrize("left,limit,margin,minutes", [
+    ("UNLIMITED", "UNLIMITED", "10", "0"), ("NOT_SET", "NOT_SET", "10", "0"), ("18:59", "19:00", "10", None),
+    ("1-02:03:04", "2-00:00:00", "10", "1553.07"), ("45:10", "1:00:00", "10", "35.17"),
+    ("19:59", "20:00", "10", "9.98"), ("58", "1:00", "0.5", "0.47")])  # seconds into a job at its limit
+def test_slurm_time_left(tmp_path, left, limit, margin, minutes):
+    fake = tmp_path / "squeue"  # called as: squeue -h -j ID -o %L (time left) or -o %l (time limit)
+    fake.write_text(f"#!/bin/sh\ncase \"$5\" in %l) echo '{limit}' ;; *) echo '{left}' ;; esac\n")
     fake.chmod(0o755)
     out = subprocess.run(["bash", "-c", f". {ROOT}/launch/slurm_common.sh && time_left_minutes"], capture_output=True,
                          text=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "1",
                                          "SLURM_SUBMIT_DIR": str(tmp_path),
                                          "FATHOM_MARGIN_MINUTES": margin})
-    if minutes is None:  # shorter than twice the margin: it would requeue itself forever
-        assert out.returncode == 2 and out.stderr.startswith("error: this job has 20.0 minutes, less than twice")
+    if minutes is None:  # a limit shorter than twice the margin: it would requeue itself forever
+        assert out.returncode == 2 and out.stderr.startswith(
+            "error: this job has a time limit of 19.0 minutes, less than twice FATHOM_MARGIN_MINUTES=10"), out.stderr
     else:
         assert (out.returncode, out.stdout.strip()) == (0, minutes), out.stderr
 
