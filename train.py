@@ -11,6 +11,7 @@ Everything is written into train.out_dir.
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,65 +58,6 @@ def lr_factor(step, cfg):
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def gradient_norm(engine, model):
-    """The global gradient norm before clipping, or None where DeepSpeed records it itself.
-
-    DeepSpeed's optimizer wrappers (ZeRO, bf16, fp16) record the norm during step(); the bare
-    fp32 optimizer of ZeRO-0 does not, and there the full, all-reduced grads sit on the module."""
-    import torch
-
-    if hasattr(engine.optimizer, "_global_grad_norm"):
-        return None
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
-
-
-def evaluate(engine, batches, device):
-    from launch.validation import validation_loss
-
-    engine.eval()
-    loss = validation_loss(engine, batches, device)
-    engine.train()
-    return loss
-
-
-def peak_memory_mb():
-    """Peak memory of this rank: GPU memory allocated on CUDA, else the process's max RSS."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def train_step(engine, model, optimizer, batches, first_sample, grad_accum, want_grad_norm, before_step=None):
-    """One optimizer step over grad_accum micro-batches; returns (summed loss, grad norm or None,
-    skipped). before_step, if given, runs after the last backward, before the optimizer step (monitors).
-
-    `skipped` is the engine's own word, whoever checked the step (launch/nonfinite.py)."""
-    import torch
-    import torch.nn.functional as F
-
-    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    grad_norm = None
-    for micro in range(grad_accum):
-        x, y = batches.micro_batch_at(first_sample, micro, engine.device)
-        loss = F.cross_entropy(engine(x).float().flatten(0, 1), y.flatten())
-        engine.backward(loss)
-        loss_sum += loss.detach().double()
-        if micro == grad_accum - 1:
-            optimizer.loss = loss_sum
-            if want_grad_norm:
-                grad_norm = gradient_norm(engine, model)
-            if before_step:
-                before_step()
-        engine.step()
-    if want_grad_norm and grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
-    return loss_sum, grad_norm, not engine.was_step_applied()
-
-
 def make_optimizer(model, t):
     from model.optimizer_groups import parameter_groups
 
@@ -130,48 +72,20 @@ def make_optimizer(model, t):
     return GuardedAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps)
 
 
-def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
+def build_engine(cfg, precision, grad_accum, resume, world_size, data_path, meta):
+    """The model, built partitioned under ZeRO-3, and its DeepSpeed engine; returns (engine, model,
+    optimizer, scheduler, parameters each rank holds)."""
     import deepspeed
     import torch
     import torch.distributed as dist
-    from omegaconf import OmegaConf
-
-    from data.loader import TrainBatches, ValBatches
-    from data.meta import train_token_counts
-    from launch.checkpoint import Checkpointer
-    from launch.distributed import check_ranks_agree, init_distributed
-    from launch.nonfinite import (
-        DIVERGED,
-        FaultInjection,
-        agreed_min_layer,
-        describe,
-        first_nonfinite_layer,
-        guard,
-    )
-    from launch.preemption import REQUEUE, request_requeue
-    from launch.profiling import StepProfiler
-    from launch.run_log import RunLog
-    from launch.step_policy import StepPolicy
-    from model import Transformer
-    from model.flops import flops_per_token, peak_tflops
-    from monitors.collapse import CollapseMonitor
-
-    rank, world_size, _ = init_distributed()
-    check_ranks_agree({"resume step": resume.step if resume else 0, "tokenizer": meta["tokenizer"]["hash"],
-                       "data": data_fingerprint(meta), "config": to_yaml(cfg)}, rank)
     from deepspeed.accelerator import get_accelerator
 
-    t = cfg.train
-    cuda = get_accelerator().device_name() == "cuda"
-    precision = ("bf16" if cuda else "fp32") if t.precision == "auto" else t.precision
-    run_dir = RunDir(t.out_dir)
-    if rank == 0:
-        if not resume and t.overwrite and run_dir.describe_run():
-            print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir.config, to_yaml(cfg, provenance(data_fingerprint(meta))))
-    dist.barrier()
+    from data.meta import train_token_counts
+    from launch.nonfinite import guard
+    from launch.train_step import checkpoint_activations
+    from model import Transformer
 
+    t = cfg.train
     ds_config = deepspeed_config(t, precision, grad_accum)
     if resume and resume.needs_universal(world_size):
         ds_config["checkpoint"] = {"load_universal": True}
@@ -186,34 +100,61 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
                         device=get_accelerator().current_device_name())
     held_per_rank = [torch.zeros_like(held) for _ in range(world_size)]
     dist.all_gather(held_per_rank, held)
-    model.checkpoint_every = t.activation_checkpointing
+    checkpoint_activations(model.blocks, t.activation_checkpointing)
     if t.compile:
         # per block: every block has the same code, so one compiled graph serves them all (minutes
         # less than compiling a 1000-layer model whole); embeddings and head stay eager
         for block in model.blocks:
             block.compile()
     optimizer = make_optimizer(model, t)
-    injections = [FaultInjection(spec, model, factor) for spec, factor in
-                  ((t.inject_nonfinite, float("nan")), (t.inject_spike, 100.0)) if spec]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     guard(engine, optimizer)
-    device = engine.device
+    return engine, model, optimizer, scheduler, [int(h.item()) for h in held_per_rank]
 
+
+def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from omegaconf import OmegaConf
+
+    from data.loader import TrainBatches, ValBatches
+    from launch.checkpoint import Checkpointer
+    from launch.distributed import check_ranks_agree, init_distributed
+    from launch.metrics import TrainMetrics
+    from launch.run_log import RunLog
+    from launch.step_policy import StepPolicy
+    from launch.train_step import TrainStep
+    from launch.validation import Evaluation
+    from model.flops import peak_tflops
+    from monitors.collapse import CollapseMonitor
+
+    rank, world_size, _ = init_distributed()
+    check_ranks_agree({"resume step": resume.step if resume else 0, "tokenizer": meta["tokenizer"]["hash"],
+                       "data": data_fingerprint(meta), "config": to_yaml(cfg)}, rank)
+    t = cfg.train
+    cuda = get_accelerator().device_name() == "cuda"
+    precision = ("bf16" if cuda else "fp32") if t.precision == "auto" else t.precision
+    run_dir = RunDir(t.out_dir)
+    if rank == 0:
+        if not resume and t.overwrite and run_dir.describe_run():
+            print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(run_dir.config, to_yaml(cfg, provenance(data_fingerprint(meta))))
+    dist.barrier()
+
+    engine, model, optimizer, scheduler, held_per_rank = build_engine(cfg, precision, grad_accum, resume, world_size,
+                                                                      data_path, meta)
     checkpointer = Checkpointer(engine, cfg, rank, world_size, precision, meta["tokenizer"]["hash"], data_fingerprint(meta))
     checkpointer.remove_incomplete()
-    start_step, samples_seen = 0, 0
     if resume:
         checkpointer.load(resume)
-        start_step, samples_seen = resume.step, resume.marker["samples_seen"]
+    start_step = resume.step if resume else 0
     sources = meta.get("mix", data_path)  # a directory, or data.mix's directories and weights
     batches = TrainBatches(sources, t.seq_len, t.micro_batch_size, grad_accum, world_size, rank, t.seed)
-    val_batches = ValBatches(sources, t.seq_len, t.micro_batch_size, world_size, rank,
-                             f"first:{t.eval_batches * t.micro_batch_size}")
-    tokens_per_step = batches.global_batch * t.seq_len
-    model_flops = flops_per_token(cfg.model, t.seq_len, tokens_per_step)
-    peak = peak_tflops(torch.cuda.get_device_name(device) if cuda else "", t.peak_tflops)
-    profiler = StepProfiler(t.profile_steps, run_dir.tensorboard, rank)
+    train_step = TrainStep(engine, model, optimizer, batches, grad_accum, t, run_dir.tensorboard, rank,
+                           resume.marker["samples_seen"] if resume else 0)
 
     log = RunLog(run_dir.path, rank == 0, t.max_steps, start_step, t.wandb_project,
                  OmegaConf.to_container(OmegaConf.structured(cfg)))
@@ -224,111 +165,89 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
              + (f"; resumed from {resume.path}" if resume else ""))
     if not resume:
         log.write({"step": 0, "unigram_entropy": meta["unigram_entropy"], "parameters": model.num_parameters(),
-                   "parameters_per_rank": [int(h.item()) for h in held_per_rank], "global_batch": batches.global_batch},
-                  "data")
+                   "parameters_per_rank": held_per_rank, "global_batch": batches.global_batch}, "data")
+    metrics = TrainMetrics(log, cfg, batches.global_batch * t.seq_len, grad_accum, world_size,
+                           peak_tflops(torch.cuda.get_device_name(engine.device) if cuda else "", t.peak_tflops),
+                           start_step)
+    evaluation = Evaluation(engine, sources, t, world_size, rank, log, meta["unigram_entropy"])
     monitor = None
     if cfg.monitor.every:
         probe = ValBatches(sources, cfg.monitor.seq_len or t.seq_len, cfg.monitor.batch, 1, 0, f"first:{cfg.monitor.batch}")
-        probe_tokens = next(probe.batches(device))[0]
-        monitor = CollapseMonitor(engine, model, probe_tokens, cfg.monitor, run_dir.path, log, start_step)
+        monitor = CollapseMonitor(engine, model, next(probe.batches(engine.device))[0], cfg.monitor, run_dir.path, log,
+                                  start_step)
         if start_step == 0:
             monitor.record(0)
 
     policy = StepPolicy(t, stop_signal)
     stop_signal.release()
-    exit_code = 0
-    tick = time.perf_counter()
-    step = start_step
+    exit_code, step = 0, start_step
     while step < t.max_steps:
-        step_start = time.perf_counter()
-        done = step + 1
-        logging_step = done % t.log_every == 0 or done == t.max_steps
+        step_start, done = time.perf_counter(), step + 1
         monitoring = monitor is not None and monitor.due(done)
-        for injection in injections:
-            injection.begin_step(done)
-        profiler.begin(done)
-        loss_sum, grad_norm, skipped = train_step(engine, model, optimizer, batches, samples_seen, grad_accum,
-                                                  logging_step, monitor.before_step if monitoring else None)
-        profiler.end(done)
-        if skipped:
+        result = train_step(done, metrics.due(done), monitor.before_step if monitoring else None)
+        if result.skipped:
             in_a_row, in_all = policy.skipped_step()
-            x, _ = batches.micro_batch_at(samples_seen, 0, device)
-            where = describe(model, agreed_min_layer(first_nonfinite_layer(model, engine, x), device),
-                             getattr(optimizer, "bad_params", []))
-            log.write({"step": done, "skipped": True, "nonfinite": where, "bad_steps": in_all}, "guard")
-            log.info(f"step {done}: non-finite loss or gradient, first in {where}; step skipped "
+            log.write({"step": done, "skipped": True, "nonfinite": result.nonfinite, "bad_steps": in_all}, "guard")
+            log.info(f"step {done}: non-finite loss or gradient, first in {result.nonfinite}; step skipped "
                      f"({in_a_row} in a row, {in_all} in all)")
-        samples_seen += batches.global_batch
-        for line in batches.epochs_begun(samples_seen - batches.global_batch, samples_seen):
+        for line in train_step.epochs_begun():
             log.info(line)
         if monitoring:
             monitor.record(done)
-        if logging_step:
-            # a copy: loss_sum stays this rank's own, which the spike check below compares with its history
-            global_loss = loss_sum.clone()
-            dist.all_reduce(global_loss)
-            loss_value = global_loss.item() / (grad_accum * world_size)
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            steps_in_window = t.log_every if done % t.log_every == 0 else done % t.log_every
-            tokens_per_s = tokens_per_step * min(steps_in_window, done - start_step) / elapsed
-            tflops = model_flops * tokens_per_s / world_size / 1e12  # per rank, as the peak is per device
-            record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_s, "model_flops_per_token": model_flops, "tflops_per_rank": tflops,
-                      **({"mfu": tflops / peak} if peak else {}),
-                      "samples": samples_seen, **batches.mix_record(samples_seen), "peak_memory_mb": peak_memory_mb()}
-            log.write(record, "train")
-            deepest = {"deep_cos": monitor.deepest_cos} if monitor and monitor.deepest_cos is not None else {}
-            log.progress(done, loss=loss_value, tok_s=record["tokens_per_s"], **deepest)
-        if done % t.eval_every == 0 or done == t.max_steps:
-            val_loss = evaluate(engine, val_batches, device)
-            log.write({"step": done, "val_loss": val_loss}, "val")
-            log.info(f"step {done}: val_loss {val_loss:.4f} (unigram entropy {meta['unigram_entropy']:.4f})")
-        if done == t.max_steps and t.final_eval_windows:
-            # the score runs are compared by: the same windows, spread over the whole split, for every seed
-            # and depth (the first windows alone can sit a third of a nat off a full pass)
-            final = ValBatches(sources, t.seq_len, t.micro_batch_size, world_size, rank, f"spread:{t.final_eval_windows}")
-            final_loss = evaluate(engine, final, device)
-            log.write({"step": done, "final_eval_loss": final_loss, "eval_windows": final.num_windows}, "val")
-            log.info(f"step {done}: final_eval_loss {final_loss:.4f} over {final.num_windows} windows spread over the "
-                     "val split")
+        if metrics.due(done):
+            metrics.write(done, result, scheduler.get_last_lr()[0], train_step.samples_seen,
+                          batches.mix_record(train_step.samples_seen), monitor.deepest_cos if monitor else None)
+        evaluation.after_step(done)
 
-        decision = policy.after_step(done, loss_sum, grad_accum, skipped, time.perf_counter() - step_start)
+        decision = policy.after_step(done, result.loss_sum, grad_accum, result.skipped, time.perf_counter() - step_start)
         point = checkpointer.newest() if decision.roll_back else None
         if point:
-            # back to the last checkpoint's weights, optimizer, schedule and RNG; the data goes on, so
-            # the batches since that checkpoint (the spike's among them) are skipped
-            checkpointer.load(point)
-            log.rewind(point.step)
-            if monitor:
-                monitor.rewind(point.step)
-            log.write({"step": point.step, "rollback_from": done,
-                       "skipped_samples": samples_seen - point.marker["samples_seen"]}, "rollback")
-            log.info(f"step {done}: loss spike; rolled back to step {point.step}, skipping "
-                     f"{samples_seen - point.marker['samples_seen']} samples")
-            step = point.step
+            step = roll_back(point, done, train_step.samples_seen, checkpointer, log, monitor)
             continue
         if decision.roll_back:
             log.info(f"step {done}: loss spike, but no checkpoint to roll back to yet; continuing")
         if decision.save:
             save_start = time.monotonic()
-            checkpointer.save(done, samples_seen)
+            checkpointer.save(done, train_step.samples_seen)
             policy.saved(save_start)
-        if decision.stop == "diverged":
-            log.info(f"stopped: {policy.bad_in_a_row} non-finite steps in a row (train.max_bad_steps), first in "
-                     f"{where}; the checkpoint of step {done} holds the last good weights")
-            exit_code = DIVERGED
-            break
         if decision.stop:
-            log.info(f"saved step {done} and stopped for {decision.stop}; the same command resumes")
-            if decision.requeue:
-                exit_code = REQUEUE
-                if rank == 0:
-                    request_requeue()
+            exit_code = stopped(decision, done, policy.bad_in_a_row, result.nonfinite, rank, log)
             break
         step += 1
     log.close()
     dist.barrier()
     return exit_code
+
+
+def stopped(decision, done, bad_in_a_row, nonfinite, rank, log):
+    """Say why the run stopped after saving step `done`; returns the exit code: DIVERGED, REQUEUE (the
+    same command continues it; rank 0 asks the cluster to requeue the job), or 0."""
+    from launch.nonfinite import DIVERGED
+    from launch.preemption import REQUEUE, request_requeue
+
+    if decision.stop == "diverged":
+        log.info(f"stopped: {bad_in_a_row} non-finite steps in a row (train.max_bad_steps), first in {nonfinite}; "
+                 f"the checkpoint of step {done} holds the last good weights")
+        return DIVERGED
+    log.info(f"saved step {done} and stopped for {decision.stop}; the same command resumes")
+    if not decision.requeue:
+        return 0
+    if rank == 0:
+        request_requeue()
+    return REQUEUE
+
+
+def roll_back(point, done, samples_seen, checkpointer, log, monitor):
+    """Back to the checkpoint `point`'s weights, optimizer, schedule and RNG; the data goes on, so the
+    batches since that checkpoint (the spike's among them) are skipped. Returns the step it is back at."""
+    checkpointer.load(point)
+    log.rewind(point.step)
+    if monitor:
+        monitor.rewind(point.step)
+    skipped = samples_seen - point.marker["samples_seen"]
+    log.write({"step": point.step, "rollback_from": done, "skipped_samples": skipped}, "rollback")
+    log.info(f"step {done}: loss spike; rolled back to step {point.step}, skipping {skipped} samples")
+    return point.step
 
 
 def main(argv=None):
@@ -347,7 +266,14 @@ def main(argv=None):
     if not resume:
         exit_on_error(check_fresh_start, cfg)
     exit_on_error(check_extension_build_locks)
-    raise SystemExit(train(cfg, data_path, meta, grad_accum, resume, stop_signal))
+    code = train(cfg, data_path, meta, grad_accum, resume, stop_signal)
+    if code:
+        # Every rank stops with this code at once, past train()'s last barrier. srun --kill-on-bad-exit
+        # terminates the other ranks as soon as one exits non-zero, and Python restores SIGTERM's default
+        # action while it shuts down: a rank still shutting down would die with 143 and hide the code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ def measure(depth, seq_len, batch, checkpointing, steps):
     import torch.nn.functional as F
 
     from configs import load_config
+    from launch.train_step import checkpoint_activations
     from model import Transformer
 
     cfg = load_config([ROOT / "configs/default.yaml"], [f"model.n_layers={depth}", f"model.max_seq_len={seq_len}",
                                                          f"train.seq_len={seq_len}"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = Transformer(cfg.model).to(device)
-    model.checkpoint_every = checkpointing
+    checkpoint_activations(model.blocks, checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     idx = torch.randint(0, cfg.model.vocab_size, (batch, seq_len + 1), device=device)
     times = []

@@ -10,7 +10,7 @@ One check per step, on one scalar, whoever makes it:
   skip nothing on the norm. The trainer turns that check off (launch/deepspeed_config.py) and
   GuardedAdamW, the inner optimizer, checks the same global norm instead (`guard`).
 - ZeRO-0 in fp32 hands the bare GuardedAdamW the gradients: it checks one fused norm, agreed over the
-  ranks, plus the loss.
+  ranks (a non-finite loss makes its gradients non-finite).
 Every way reports through the `overflow` attribute the engine reads, so the weights, the optimizer
 state and the LR schedule stay those of the last good step; the data moves on, so the offending
 batch is skipped.
@@ -25,13 +25,11 @@ DIVERGED = 3  # exit code of a run stopped by the guard
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose step() is skipped, on every rank alike, when a gradient or the loss is non-finite.
-    Which check it makes is set by `guard` once the engine exists; the trainer sets `loss` (this
-    rank's summed loss of the step) before each step."""
+    """AdamW whose step() is skipped, on every rank alike, when a gradient is non-finite. Which check
+    it makes is set by `guard` once the engine exists."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss = None
         self.overflow = False
         self.bad_params = []
         self.check = self.own_check
@@ -47,13 +45,11 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
     def own_check(self):
-        """ZeRO-0 fp32: one fused norm of this rank's gradients and its loss, agreed over the ranks."""
+        """ZeRO-0 fp32: one fused norm of this rank's gradients, agreed over the ranks."""
         from deepspeed.accelerator import get_accelerator
 
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         checked = [n.reshape(1) for n in torch._foreach_norm(grads)] if grads else []
-        if self.loss is not None:
-            checked.append(self.loss.reshape(1))
         # on the accelerator whatever the gradients' device: NCCL reduces only GPU tensors
         device = get_accelerator().current_device_name()
         bad = (~torch.cat(checked).isfinite()).any().float().to(device) if checked else torch.zeros((), device=device)

@@ -9,7 +9,6 @@ Each rank-collapse fix plugs in at one seam:
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from configs.schema import ModelConfig
 from model.attention import CausalSelfAttention
@@ -69,8 +68,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias != "none")
         if cfg.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
-        # recompute every k-th block in backward (0 = off); set by the trainer, not part of the model
-        self.checkpoint_every = 0
         init_weights(self, cfg, gather)
 
     def forward(self, idx, cache=None):
@@ -81,11 +78,8 @@ class Transformer(nn.Module):
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         x = self.token_embedding(idx) + self.position_embedding(torch.arange(start, end, device=idx.device))
-        for i, block in enumerate(self.blocks):
-            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache)
+        for block in self.blocks:
+            x = block(x, cache)
         if cache is not None:
             cache.length = end
         return self.lm_head(self.final_norm(x))

@@ -7,6 +7,7 @@ import torch
 
 from configs import load_config
 from launch.run_dir import read_jsonl
+from launch.train_step import checkpoint_activations
 from model import Transformer
 from tests.conftest import STEPS, losses, train
 
@@ -73,17 +74,24 @@ def test_zero3_builds_the_model_partitioned(distributed_runs):
     assert per_rank == [total, total]
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_loss_and_gradients():
     cfg = load_config([], ["model.n_layers=4", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64"])
     idx = torch.randint(0, 64, (2, 16))
     results = []
-    for every in (0, 1, 2):
+    for every, forwards in ((0, 4), (1, 8), (2, 6)):  # every k-th block runs again in backward
         torch.manual_seed(0)
         model = Transformer(cfg.model)
-        model.checkpoint_every = every
+        checkpoint_activations(model.blocks, every)
+        ran = []
+        for block in model.blocks:
+            block.attn.register_forward_pre_hook(lambda *_: ran.append(1))
         loss = model(idx).logsumexp(-1).mean()
         loss.backward()
+        assert len(ran) == forwards, every
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in Transformer(cfg.model).named_parameters()]
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     for loss, grads in results[1:]:
         assert loss == results[0][0]
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
