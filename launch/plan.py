@@ -16,8 +16,11 @@ gathering one layer's weights and grads at a time:
     ZeRO-0: 20    ZeRO-1: 4 + 16/N    ZeRO-2: 2 + 18/N    ZeRO-3: 20/N + 4 x the largest layer
 ZeRO-2 equals DeepSpeed's estimate_zero2_model_states_mem_needs. Its ZeRO-3 estimator reuses the 18/N
 of ZeRO-2, so it leaves out each rank's shard of the 16-bit weights (ZeRO-3 partitions them too):
-the plan's ZeRO-3 figure is DeepSpeed's + 2·P/N. fp32 runs hold 4 + 4 + 8 (no copies). Not counted:
-DeepSpeed's communication buckets, the CUDA context and fragmentation; the headroom is for them.
+the plan's ZeRO-3 figure is DeepSpeed's + 2·P/N. fp32 runs hold 4 + 4 + 8, plus under ZeRO-1/2 the
+4/N of the fp32 partition those clone. DeepSpeed's buffers come on top (`buffer_bytes`): the
+reduce bucket of ZeRO-2/3 and ZeRO-3's live and prefetched parameters, sized by the run's DeepSpeed
+config; DeepSpeed's defaults keep every parameter of a model under 10⁹ gathered on every GPU.
+Not counted: the CUDA context and fragmentation; the headroom is for them.
 
 Activations, bytes a block keeps for backward per token, e bytes per element (2 in bf16):
     e·d·(1 block input + 2 Q, K + 1 V + 1 attention output + 1 LayerNorm input + 1 MLP input
@@ -65,7 +68,23 @@ def model_state_bytes(P, N, largest, mixed):
     sharded = [0, copy + optim, grads + copy + optim, total]
     out = {s: P * (total - sharded[s]) + P * sharded[s] / N for s in range(4)}
     out[3] += (weights + grads) * largest  # the layer in flight, gathered whole
+    if not mixed:  # ZeRO-1/2 step a copy of their fp32 partition even when the weights are fp32; ZeRO-3 does not
+        out[1] += 4 * P / N
+        out[2] += 4 * P / N
     return out
+
+
+def buffer_bytes(ds, P, e):
+    """Bytes per GPU DeepSpeed holds besides the model states, for ZeRO 0..3, from the run's DeepSpeed
+    config (its defaults where the config is silent): ZeRO-2 and 3 reduce gradients through a bucket
+    of reduce_bucket_size elements; ZeRO-3 keeps up to stage3_max_live_parameters gathered parameters
+    that are used again within stage3_max_reuse_distance (on a model below that size: all of them, on
+    every GPU), and prefetches stage3_prefetch_bucket_size more."""
+    zero = ds.get("zero_optimization", {})
+    bucket = e * zero.get("reduce_bucket_size", 5e8)
+    live = e * min(P, zero.get("stage3_max_live_parameters", 1e9), max(zero.get("stage3_max_reuse_distance", 1e9), 0))
+    prefetch = e * zero.get("stage3_prefetch_bucket_size", 5e7)
+    return {0: 0, 1: 0, 2: bucket, 3: bucket + live + prefetch}
 
 
 def deepspeed_estimates(P, N, largest):
@@ -116,7 +135,7 @@ def count_parameters(m):
 
 def plan(cfg, gpus, gpu_memory_gb=80.0, mfu=0.35, peak_tflops=989.0):
     """The plan's figures (counts, bytes per GPU, FLOPs) and the recommended setting, as a dict."""
-    from launch.deepspeed_config import grad_accum_steps
+    from launch.deepspeed_config import deepspeed_config, grad_accum_steps
     from model.flops import flops_per_token
 
     if gpus < 1 or gpu_memory_gb <= 0 or not 0 < mfu <= 1 or peak_tflops <= 0:
@@ -126,7 +145,9 @@ def plan(cfg, gpus, gpu_memory_gb=80.0, mfu=0.35, peak_tflops=989.0):
     mixed = t.precision != "fp32"  # auto is bf16 on a GPU
     e = 2 if mixed else 4
     P, per_block, largest, largest_name = count_parameters(m)
-    states = model_state_bytes(P, gpus, largest, mixed)
+    held = model_state_bytes(P, gpus, largest, mixed)
+    buffers = buffer_bytes(deepspeed_config(t, "bf16" if mixed else "fp32", grad_accum_steps(t, gpus)), P, e)
+    states = {s: held[s] + buffers[s] for s in range(4)}
     budget = (1 - HEADROOM) * gpu_memory_gb * GIB
 
     def activations(k, micro_batch=t.micro_batch_size):
@@ -150,7 +171,7 @@ def plan(cfg, gpus, gpu_memory_gb=80.0, mfu=0.35, peak_tflops=989.0):
     return {
         "parameters": P, "parameters_per_block": per_block, "largest_layer": largest,
         "largest_layer_name": largest_name, "gpus": gpus, "precision": "bf16" if t.precision == "auto" else t.precision,
-        "model_state_bytes": states, "deepspeed_bytes": deepspeed_estimates(P, gpus, largest) if mixed else None,
+        "model_state_bytes": held, "buffer_bytes": buffers, "deepspeed_bytes": deepspeed_estimates(P, gpus, largest) if mixed else None,
         "activation_bytes": {k: activations(k) for k in {0, 1, rec["activation_checkpointing"] if rec else 0}},
         "budget_bytes": budget, "flops_per_token": flops, "tokens_per_s": mfu * peak_tflops * 1e12 * gpus / flops,
         "recommended": rec, "max_micro_batch_without_checkpointing": (max(most[0], 0), -most[1]),
@@ -176,10 +197,11 @@ def table(cfg, r, gpu_memory_gb, mfu, peak_tflops):
             ("largest layer", f"{r['largest_layer']:,}", f"`{r['largest_layer_name']}`")]
     for s in range(4):
         ds = (r["deepspeed_bytes"] or {}).get(s)
+        held = r["model_state_bytes"][s] + r["buffer_bytes"][s]
         rows.append((f"ZeRO-{s} model states / GPU", gib(r["model_state_bytes"][s]),
                      formula[s] + (f"; DeepSpeed's estimator {gib(ds)}: {why[s]}" if ds else "")
-                     + f"; with activations {gib(r['model_state_bytes'][s] + act[0])} (checkpointing off), "
-                     f"{gib(r['model_state_bytes'][s] + act[1])} (every block)"))
+                     + (f"; DeepSpeed's buffers {gib(r['buffer_bytes'][s])}" if r["buffer_bytes"][s] else "")
+                     + f"; with activations {gib(held + act[0])} (checkpointing off), {gib(held + act[1])} (every block)"))
     rows += [(f"activations / GPU, {t.micro_batch_size} × {t.seq_len:,} tokens", gib(act[0]), "checkpointing off"),
              ("activations / GPU, checkpointing every block", gib(act[1]), "train.activation_checkpointing=1"),
              ("FLOPs per token", f"{r['flops_per_token']:.3e}", "model/flops.py: 6N + 12·L·T·d"),
