@@ -8,7 +8,8 @@ be anything). The loss is `final_eval_loss`, the same spread sample of the val s
 With depth scaling, a cell at L = base_layers is the very run without it (every rule is 1 there),
 so the unscaled cells at that depth stand in the scaled curve too. "Transfers" at a depth means:
 the best lr there is the best lr at the shallowest depth, or one grid step from it with the
-shallow lr's loss within 0.02 nats of the best; "open" while the shallow best lr has not run there.
+shallow lr's loss within 0.02 nats of the best; "open" while the shallow best lr, or a grid
+neighbour of the best lr there (which might be better still), has not run there.
 """
 
 import argparse
@@ -60,12 +61,14 @@ def best(by_lr):
 
 
 def transfers(by_depth, depth, grid):
-    """"yes", "no", or "open" while the shallowest depth's best lr has not run at `depth`."""
+    """"yes", "no", or "open" while the shallowest depth's best lr, or a grid neighbour of the best
+    lr at `depth`, has not run at `depth`."""
     shallow = best(by_depth[min(by_depth)])
     here = best(by_depth[depth])
     if shallow is None or here is None:
         return "no"
-    if shallow not in by_depth[depth]:
+    i = grid.index(here)
+    if shallow not in by_depth[depth] or any(grid[j] not in by_depth[depth] for j in (i - 1, i + 1) if 0 <= j < len(grid)):
         return "open"
     loss_at_shallow = mean(by_depth[depth][shallow])
     near = abs(grid.index(here) - grid.index(shallow)) <= 1 and loss_at_shallow - mean(by_depth[depth][here]) <= TOLERANCE

@@ -163,7 +163,8 @@ def test_depth_tables_read_each_cells_own_logs(tmp_path):
 def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
     """bench/lr_transfer.py: curves by (preset, alpha) from each cell's config.yaml, the unscaled cells
     at L_base standing in the scaled curve, the best lr per depth in bold, and the transfer rule (the
-    shallow best lr, or one grid step away within 0.02 nats)."""
+    shallow best lr, or one grid step away within 0.02 nats; open while the best lr's grid neighbours
+    have not all run)."""
     from bench.lr_transfer import curves, tables
     from configs import load_config, to_yaml
     from tools.sweep import COLUMNS
@@ -186,6 +187,8 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
         cell(48, lr, 1, loss)
     for lr, loss, status in ((1e-3, 2.40, "ok"), (3e-3, 3.20, "stalled"), (1e-2, 9.0, "diverged")):
         cell(48, lr, 0, loss, status)
+    for lr, loss in ((1e-3, 2.40), (3e-3, 2.30)):  # the shallow best is best, but 1e-2 might beat it
+        cell(96, lr, 1, loss)
     for lr, loss in ((1e-3, 2.45), (1e-2, 2.44)):  # the shallow best, 3e-3, not run yet
         cell(192, lr, 1, loss)
     with open(tmp_path / "results.csv", "w", newline="") as f:
@@ -197,5 +200,6 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
     text = tables(data)
     assert "| 48 | 2.360 | **2.350** | 2.500 | 0.003 | yes |" in text
     assert "| 48 | **2.400** | 3.200 | x | 0.001 | no |" in text
+    assert "| 96 | 2.400 | **2.300** | – | 0.003 | open |" in text
     assert "| 192 | 2.450 | – | **2.440** | 0.01 | open |" in text
     assert "| 12 | 2.300 | **2.200** | 2.400 | 0.003 | – |" in text
