@@ -18,8 +18,9 @@ ZeRO-2 equals DeepSpeed's estimate_zero2_model_states_mem_needs. Its ZeRO-3 esti
 of ZeRO-2, so it leaves out each rank's shard of the 16-bit weights (ZeRO-3 partitions them too):
 the plan's ZeRO-3 figure is DeepSpeed's + 2·P/N. fp32 runs hold 4 + 4 + 8, plus under ZeRO-1/2 the
 4/N of the fp32 partition those clone. DeepSpeed's buffers come on top (`buffer_bytes`): the
-reduce bucket of ZeRO-2/3 and ZeRO-3's live and prefetched parameters, sized by the run's DeepSpeed
-config; DeepSpeed's defaults keep every parameter of a model under 10⁹ gathered on every GPU.
+optimizer step's fp32 temporaries, the reduce bucket of ZeRO-2/3 and ZeRO-3's live and prefetched
+parameters, sized by the run's DeepSpeed config; DeepSpeed's defaults keep every parameter of a
+model under 10⁹ gathered on every GPU.
 Not counted: the CUDA context and fragmentation; the headroom is for them.
 
 Activations, bytes a block keeps for backward per token, e bytes per element (2 in bf16):
@@ -74,17 +75,24 @@ def model_state_bytes(P, N, largest, mixed):
     return out
 
 
-def buffer_bytes(ds, P, e):
+def buffer_bytes(ds, P, N, e):
     """Bytes per GPU DeepSpeed holds besides the model states, for ZeRO 0..3, from the run's DeepSpeed
-    config (its defaults where the config is silent): ZeRO-2 and 3 reduce gradients through a bucket
-    of reduce_bucket_size elements; ZeRO-3 keeps up to stage3_max_live_parameters gathered parameters
-    that are used again within stage3_max_reuse_distance (on a model below that size: all of them, on
-    every GPU), and prefetches stage3_prefetch_bucket_size more."""
+    config (its defaults where the config is silent). Measured on CPU in fp32 (docs/gpu_plan.md):
+    - the optimizer step's transient: AdamW's temporaries and the flattened gradient, three fp32
+      tensors the size of what one step covers: the whole model (ZeRO-0), this GPU's partition
+      (ZeRO-1/2), one sub-group of at most sub_group_size elements (ZeRO-3);
+    - ZeRO-2 and 3 reduce gradients through a bucket of reduce_bucket_size elements;
+    - ZeRO-3 keeps up to stage3_max_live_parameters gathered parameters that are used again within
+      stage3_max_reuse_distance (on a model below that size: all of them, on every GPU), prefetches
+      stage3_prefetch_bucket_size more, and holds its partition once more, flat."""
     zero = ds.get("zero_optimization", {})
+    stepped = {0: P, 1: P / N, 2: P / N, 3: min(P / N, zero.get("sub_group_size", 1e9))}
+    out = {s: 12 * stepped[s] for s in range(4)}
     bucket = e * zero.get("reduce_bucket_size", 5e8)
     live = e * min(P, zero.get("stage3_max_live_parameters", 1e9), max(zero.get("stage3_max_reuse_distance", 1e9), 0))
-    prefetch = e * zero.get("stage3_prefetch_bucket_size", 5e7)
-    return {0: 0, 1: 0, 2: bucket, 3: bucket + live + prefetch}
+    out[2] += bucket
+    out[3] += bucket + live + e * zero.get("stage3_prefetch_bucket_size", 5e7) + e * P / N
+    return out
 
 
 def deepspeed_estimates(P, N, largest):
@@ -146,7 +154,7 @@ def plan(cfg, gpus, gpu_memory_gb=80.0, mfu=0.35, peak_tflops=989.0):
     e = 2 if mixed else 4
     P, per_block, largest, largest_name = count_parameters(m)
     held = model_state_bytes(P, gpus, largest, mixed)
-    buffers = buffer_bytes(deepspeed_config(t, "bf16" if mixed else "fp32", grad_accum_steps(t, gpus)), P, e)
+    buffers = buffer_bytes(deepspeed_config(t, "bf16" if mixed else "fp32", grad_accum_steps(t, gpus)), P, gpus, e)
     states = {s: held[s] + buffers[s] for s in range(4)}
     budget = (1 - HEADROOM) * gpu_memory_gb * GIB
 
