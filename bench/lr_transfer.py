@@ -2,6 +2,7 @@
 depth, with and without model.depth_scaling, and where the best lr holds.
 
     python bench/lr_transfer.py bench/results/lr_transfer --output bench/results/lr_transfer/transfer.md
+    python bench/lr_transfer.py bench/results/lr_transfer --at-shallow-lr --output bench/results/lr_transfer/depth.md
 
 Each cell's own config.yaml says its preset, lr and depth scaling (so the sweep's method names can
 be anything). The loss is `final_eval_loss`, the same spread sample of the val split for every cell.
@@ -10,6 +11,10 @@ so the unscaled cells at that depth stand in the scaled curve too. "Transfers" a
 the best lr there is the best lr at the shallowest depth, or one grid step from it with the
 shallow lr's loss within 0.02 nats of the best; "open" while the shallow best lr, or a grid
 neighbour of the best lr there (which might be better still), has not run there.
+
+--at-shallow-lr writes the other half of the experiment: every depth-scaled preset at the one lr
+that was best at the shallowest depth, down to the deepest cell run at that lr, with the monitors'
+verdict, and plots its loss against depth.
 """
 
 import argparse
@@ -20,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.confounds import read_rows  # noqa: E402
+from bench.confounds import mean_spread, read_rows  # noqa: E402
+from bench.depth_table import dynamics  # noqa: E402
 from configs import saved_config  # noqa: E402
 from launch.run_dir import RunDir  # noqa: E402
 from tools.sweep import cell_dir, row_cell  # noqa: E402
@@ -28,27 +34,39 @@ from tools.sweep import cell_dir, row_cell  # noqa: E402
 TOLERANCE = 0.02
 
 
-def curves(directories):
-    """{(preset, alpha): {depth: {lr: [losses over seeds]}}} from every finished cell."""
+def cells(directories):
+    """{(preset, alpha): {depth: {lr: [(sweep directory, results.csv row) per seed]}}} of every
+    finished cell, each placed by its own config.yaml."""
     from omegaconf import OmegaConf
 
     out = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
     base = {}
     for directory in directories:
         for row in read_rows(directory):
-            if row["final_eval_loss"] in ("", None):
-                continue
+            if row["final_eval_loss"] in ("", None) and row["status"] in ("ok", "stalled"):
+                continue  # not finished
             cfg = saved_config(OmegaConf.load(RunDir(cell_dir(directory, row_cell(row))).config))
             preset = row["method"].split("+")[0]
             alpha = cfg.model.depth_scaling.alpha
-            loss = float(row["final_eval_loss"]) if row["status"] in ("ok", "stalled") else float("nan")
-            out[preset, alpha][cfg.model.n_layers][cfg.train.lr].append(loss)
+            out[preset, alpha][cfg.model.n_layers][cfg.train.lr].append((directory, row))
             if alpha:
                 base[preset, alpha] = cfg.model.depth_scaling.base_layers
     for (preset, alpha), at in base.items():  # the unscaled runs at L_base are the scaled runs there
-        for lr, losses in out.get((preset, 0.0), {}).get(at, {}).items():
-            out[preset, alpha][at].setdefault(lr, losses)
+        for lr, found in out.get((preset, 0.0), {}).get(at, {}).items():
+            out[preset, alpha][at].setdefault(lr, found)
     return out
+
+
+def loss(row):
+    """final_eval_loss of a cell that trained; NaN for one that diverged or failed."""
+    return float(row["final_eval_loss"]) if row["status"] in ("ok", "stalled") else float("nan")
+
+
+def curves(directories):
+    """{(preset, alpha): {depth: {lr: [losses over seeds]}}} from every finished cell."""
+    return {key: {depth: {lr: [loss(row) for _, row in found] for lr, found in by_lr.items()}
+                  for depth, by_lr in by_depth.items()}
+            for key, by_depth in cells(directories).items()}
 
 
 def mean(values):
@@ -97,6 +115,54 @@ def tables(data):
     return "\n".join(lines)
 
 
+def depth_table(found):
+    """Each depth-scaled preset at one lr, the best at its shallowest depth, not retuned with depth:
+    per depth its final_eval_loss (mean ± half-range over seeds), how far below the unigram entropy,
+    the deepest layer's cosine / stable rank / collapsed layers and the first layer's gradient norm
+    over the last layer's at the end, one entry per seed."""
+    lines = ["| preset | lr | layers | final_eval_loss | below the unigram entropy | deepest layer: cosine / "
+             "stable rank / collapsed layers | gradient norm, first / last layer |", "|---|---|---|---|---|---|---|"]
+    for (preset, alpha), by_depth in sorted(found.items()):
+        shallow = min(by_depth)
+        lr = best({lr: [loss(row) for _, row in rows] for lr, rows in by_depth[shallow].items()})
+        if not alpha or lr is None:
+            continue
+        for depth in sorted(d for d in by_depth if lr in by_depth[d]):
+            rows = by_depth[depth][lr]
+            trained = [row for _, row in rows if loss(row) == loss(row)]
+            losses = [loss(row) for row in trained]
+            below = f"{float(trained[0]['unigram_entropy']) - mean(losses):.2f}" if trained else "–"
+            state = "; ".join(f"{float(r['cos_sim_end']):.2f} / {float(r['stable_rank_end']):.1f} / "
+                              f"{r['collapsed_layers_end']}" if r["status"] in ("ok", "stalled") else r["status"]
+                              for _, r in rows)
+            grads = "; ".join(f"{dynamics(directory, r)[0]:.2g}" for directory, r in rows)
+            lines.append(f"| `{preset}`, alpha = {alpha:g} | {lr:g} | {depth} | "
+                         f"{mean_spread(losses) if trained else 'x'} | {below} | {state} | {grads} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_depth(found, path):
+    """final_eval_loss against depth, one line per depth-scaled preset at its shallow-best lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (preset, alpha), by_depth in sorted(found.items()):
+        by_lr = {lr: [loss(row) for _, row in rows] for lr, rows in by_depth[min(by_depth)].items()}
+        lr = best(by_lr)
+        if alpha and lr is not None:
+            depths = sorted(d for d in by_depth if lr in by_depth[d])
+            ax.plot(depths, [mean([loss(row) for _, row in by_depth[d][lr]]) for d in depths], marker="o",
+                    label=f"{preset}, lr {lr:g}")
+    ax.set(xscale="log", xlabel="layers", ylabel="final_eval_loss", title="depth scaling, one lr per preset")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(data, path):
     import matplotlib
 
@@ -122,11 +188,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweeps", nargs="+", help="tools/sweep.py output directories")
     ap.add_argument("--output", required=True, help="the Markdown file to write; the plot goes beside it as .png")
+    ap.add_argument("--at-shallow-lr", action="store_true",
+                    help="write the depth table of each depth-scaled preset at its shallow-best lr, and its plot, instead")
     args = ap.parse_args(argv)
-    data = curves(args.sweeps)
-    text = tables(data)
+    if args.at_shallow_lr:
+        found = cells(args.sweeps)
+        text = depth_table(found)
+        plot_depth(found, Path(args.output).with_suffix(".png"))
+    else:
+        data = curves(args.sweeps)
+        text = tables(data)
+        plot(data, Path(args.output).with_suffix(".png"))
     Path(args.output).write_text(text)
-    plot(data, Path(args.output).with_suffix(".png"))
     print(text)
 
 

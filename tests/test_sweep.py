@@ -160,26 +160,46 @@ def test_depth_tables_read_each_cells_own_logs(tmp_path):
     assert "| `pre` | – | 48 / 2.70 → 2.50 |" in text
 
 
+def transfer_cell(directory, rows, depth, lr, alpha, loss, status="ok", seed=1, grad_first=1.0):
+    """A finished vanilla cell of bench/lr_transfer.py's input: its config.yaml, logs and results.csv row
+    (a diverged cell has no final_eval_loss, "")."""
+    from configs import load_config, to_yaml
+
+    val = 3.0 if loss == "" else loss + 0.1
+    method = f"vanilla+train.lr={lr}" + (f"+model.depth_scaling.alpha={alpha}" if alpha else "")
+    run = directory / f"{method}-L{depth}-s{seed}"
+    run.mkdir()
+    cfg = load_config(["configs/methods/vanilla.yaml"], [f"model.n_layers={depth}", f"train.lr={lr}",
+                                                        f"model.depth_scaling.alpha={alpha}"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    layers = [{"grad_norm": grad_first}] + [{"grad_norm": 1.0}] * (depth - 1)
+    (run / "monitors.jsonl").write_text(json.dumps({"step": 300, "layers": layers}) + "\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "val_loss": val}) + "\n")
+    rows.append(dict(method=method, depth=depth, init="preset", seed=seed, status=status, final_val_loss=val,
+                     final_eval_loss=loss, unigram_entropy=3.25, cos_sim_end=0.2, stable_rank_end=3.0,
+                     collapsed_layers_end=0))
+
+
+def write_results(directory, rows):
+    from tools.sweep import COLUMNS
+
+    with open(directory / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
     """bench/lr_transfer.py: curves by (preset, alpha) from each cell's config.yaml, the unscaled cells
     at L_base standing in the scaled curve, the best lr per depth in bold, and the transfer rule (the
     shallow best lr, or one grid step away within 0.02 nats; open while the best lr's grid neighbours
     have not all run)."""
     from bench.lr_transfer import curves, tables
-    from configs import load_config, to_yaml
-    from tools.sweep import COLUMNS
 
     rows = []
 
     def cell(depth, lr, alpha, loss, status="ok"):
-        method = f"vanilla+train.lr={lr}" + (f"+model.depth_scaling.alpha={alpha}" if alpha else "")
-        run = tmp_path / f"{method}-L{depth}-s1"
-        run.mkdir()
-        cfg = load_config(["configs/methods/vanilla.yaml"], [f"model.n_layers={depth}", f"train.lr={lr}",
-                                                            f"model.depth_scaling.alpha={alpha}"])
-        (run / "config.yaml").write_text(to_yaml(cfg))
-        rows.append(dict(method=method, depth=depth, init="preset", seed=1, status=status, final_val_loss=loss + 0.1,
-                         final_eval_loss=loss))
+        transfer_cell(tmp_path, rows, depth, lr, alpha, loss, status)
 
     for lr, loss in ((1e-3, 2.30), (3e-3, 2.20), (1e-2, 2.40)):
         cell(12, lr, 0, loss)
@@ -191,10 +211,7 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
         cell(96, lr, 1, loss)
     for lr, loss in ((1e-3, 2.45), (1e-2, 2.44)):  # the shallow best, 3e-3, not run yet
         cell(192, lr, 1, loss)
-    with open(tmp_path / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_results(tmp_path, rows)
     data = curves([tmp_path])
     assert data["vanilla", 1.0][12] == data["vanilla", 0.0][12]  # at L_base the scaled run is the unscaled one
     text = tables(data)
@@ -203,3 +220,27 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
     assert "| 96 | 2.400 | **2.300** | – | 0.003 | open |" in text
     assert "| 192 | 2.450 | – | **2.440** | 0.01 | open |" in text
     assert "| 12 | 2.300 | **2.200** | 2.400 | 0.003 | – |" in text
+
+
+def test_the_depth_table_keeps_the_shallow_best_lr(tmp_path):
+    """bench/lr_transfer.py --at-shallow-lr: each depth-scaled preset at the lr best at its shallowest
+    depth, at every depth that lr ran (never a better lr found deeper), seeds as mean ± half-range,
+    a diverged cell as its status, the gradient ratio per seed."""
+    from bench.lr_transfer import main
+
+    rows = []
+    for lr, loss in ((1e-3, 2.30), (3e-3, 2.20)):
+        transfer_cell(tmp_path, rows, 12, lr, 0, loss)
+    transfer_cell(tmp_path, rows, 48, 1e-3, 1, 2.10)  # better, but not the lr chosen at 12 layers
+    transfer_cell(tmp_path, rows, 48, 3e-3, 1, 2.25, seed=1, grad_first=0.5)
+    transfer_cell(tmp_path, rows, 48, 3e-3, 1, 2.27, seed=2, grad_first=0.25)
+    transfer_cell(tmp_path, rows, 192, 3e-3, 1, "", status="diverged")
+    write_results(tmp_path, rows)
+    output = tmp_path / "depth.md"
+    main([str(tmp_path), "--at-shallow-lr", "--output", str(output)])
+    lines = output.read_text().splitlines()
+    assert lines[2:] == [
+        "| `vanilla`, alpha = 1 | 0.003 | 12 | 2.200 (1 seed) | 1.05 | 0.20 / 3.0 / 0 | 1 |",
+        "| `vanilla`, alpha = 1 | 0.003 | 48 | 2.260 ± 0.010 | 0.99 | 0.20 / 3.0 / 0; 0.20 / 3.0 / 0 | 0.5; 0.25 |",
+        "| `vanilla`, alpha = 1 | 0.003 | 192 | x | – | diverged | 1 |"]
+    assert output.with_suffix(".png").is_file()
