@@ -8,7 +8,8 @@
 One step = forward, cross-entropy, backward and an AdamW update. The presets are timed in
 interleaved rounds (vanilla, pre, ..., vanilla, pre, ...) so that drifts of the machine hit
 all of them alike; the table shows each preset's median over the rounds and its ratio. With
---compile each preset is also timed with its blocks compiled (as train.compile=true does).
+--compile each preset is also timed with its blocks compiled (as train.compile=true does), and a
+compiled row's ratio is to compiled vanilla.
 TFLOP/s counts model FLOPs (model/flops.py); MFU divides by the GPU's dense bf16 peak. A variant
 that fails to build or compile (shaped attention under some inductor versions) gets its error in
 its row; the others are still timed.
@@ -122,7 +123,7 @@ def main():
             continue
         seconds = median[p, compiled]
         tflops = flops_per_token(preset_config(p, args).model, args.seq_len, tokens) * tokens / seconds / 1e12
-        rows.append({**row, "ms": 1000 * seconds, "ratio": seconds / base, "tflops": tflops,
+        rows.append({**row, "ms": 1000 * seconds, "ratio": seconds / median.get((presets[0], compiled), base), "tflops": tflops,
                      "mfu": tflops / peak if peak else None,
                      "vs_eager": seconds / median[p, False] if compiled and (p, False) in median else None})
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -132,7 +133,7 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "header": header, "rows": rows, "peak_memory_gib": memory}))
     print(header)
-    print(f"| preset | step time (ms) | ratio to {presets[0]} | compiled / eager | TFLOP/s | MFU |")
+    print(f"| preset | step time (ms) | ratio to {presets[0]} (compiled: to compiled {presets[0]}) | compiled / eager | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         label = f"{r['preset']} (compiled)" if r["compiled"] else r["preset"]
