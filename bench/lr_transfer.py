@@ -115,6 +115,15 @@ def tables(data):
     return "\n".join(lines)
 
 
+def at_shallow_lr(found):
+    """(preset, alpha, lr, {depth: [(directory, row)]}) of each depth-scaled preset at the lr best at its
+    shallowest depth, at every depth that lr ran."""
+    for (preset, alpha), by_depth in sorted(found.items()):
+        lr = best({lr: [loss(row) for _, row in rows] for lr, rows in by_depth[min(by_depth)].items()})
+        if alpha and lr is not None:
+            yield preset, alpha, lr, {d: by_depth[d][lr] for d in sorted(by_depth) if lr in by_depth[d]}
+
+
 def depth_table(found):
     """Each depth-scaled preset at one lr, the best at its shallowest depth, not retuned with depth:
     per depth its final_eval_loss (mean ± half-range over seeds), how far below the unigram entropy,
@@ -122,18 +131,13 @@ def depth_table(found):
     over the last layer's at the end, one entry per seed."""
     lines = ["| preset | lr | layers | final_eval_loss | below the unigram entropy | deepest layer: cosine / "
              "stable rank / collapsed layers | gradient norm, first / last layer |", "|---|---|---|---|---|---|---|"]
-    for (preset, alpha), by_depth in sorted(found.items()):
-        shallow = min(by_depth)
-        lr = best({lr: [loss(row) for _, row in rows] for lr, rows in by_depth[shallow].items()})
-        if not alpha or lr is None:
-            continue
-        for depth in sorted(d for d in by_depth if lr in by_depth[d]):
-            rows = by_depth[depth][lr]
+    for preset, alpha, lr, by_depth in at_shallow_lr(found):
+        for depth, rows in by_depth.items():
             trained = [row for _, row in rows if loss(row) == loss(row)]
             losses = [loss(row) for row in trained]
             below = f"{float(trained[0]['unigram_entropy']) - mean(losses):.2f}" if trained else "–"
             state = "; ".join(f"{float(r['cos_sim_end']):.2f} / {float(r['stable_rank_end']):.1f} / "
-                              f"{r['collapsed_layers_end']}" if r["status"] in ("ok", "stalled") else r["status"]
+                              f"{r['collapsed_layers_end']}" if loss(r) == loss(r) else r["status"]
                               for _, r in rows)
             grads = "; ".join(f"{dynamics(directory, r)[0]:.2g}" for directory, r in rows)
             lines.append(f"| `{preset}`, alpha = {alpha:g} | {lr:g} | {depth} | "
@@ -149,13 +153,9 @@ def plot_depth(found, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (preset, alpha), by_depth in sorted(found.items()):
-        by_lr = {lr: [loss(row) for _, row in rows] for lr, rows in by_depth[min(by_depth)].items()}
-        lr = best(by_lr)
-        if alpha and lr is not None:
-            depths = sorted(d for d in by_depth if lr in by_depth[d])
-            ax.plot(depths, [mean([loss(row) for _, row in by_depth[d][lr]]) for d in depths], marker="o",
-                    label=f"{preset}, lr {lr:g}")
+    for preset, _, lr, by_depth in at_shallow_lr(found):
+        ax.plot(list(by_depth), [mean([loss(row) for _, row in rows]) for rows in by_depth.values()], marker="o",
+                label=f"{preset}, lr {lr:g}")
     ax.set(xscale="log", xlabel="layers", ylabel="final_eval_loss", title="depth scaling, one lr per preset")
     ax.legend(fontsize=8)
     fig.tight_layout()
