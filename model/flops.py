@@ -6,7 +6,8 @@ matmuls (attention, MLP and the LM head; not the embedding lookups), 6 = 2 (mult
 full T×T, as PaLM and nanoGPT count it (causal kernels skip about half of it: MFU by this count
 is the convention, not the kernel's exact work). The methods add O(T·d) element-wise work (the
 cumulative mean of C, the shaped gains, surgery's subtraction), counted at one FLOP per element
-and pass, and spectral its per-layer QR, once per optimizer step. `tests/test_ecosystem.py` checks the
+and pass, and spectral its per-layer QR of a d×d matrix (counted as Householder's 4d³/3 for R), once per
+optimizer step. `tests/test_ecosystem.py` checks the
 count against torch's FlopCounterMode.
 """
 
@@ -33,7 +34,7 @@ def method_flops_per_token(cfg, tokens_per_step):
     if cfg.surgery.site != "none":
         passes += 4
     flops = 3 * passes * d * L
-    if cfg.weights == "spectral":  # one d×d Householder QR and U·diag(λ) per layer per step
+    if cfg.weights == "spectral":  # one d×d QR and U·diag(λ) per layer per step
         flops += 3 * L * (4 * d**3 / 3 + d * d) / tokens_per_step
     return flops
 

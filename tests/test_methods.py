@@ -10,6 +10,7 @@ from configs import load_config
 from model import Transformer
 from model.attention import MIXERS, CausalSelfAttention, chunked_cumsum, cumulative_mean
 from model.residual import SimilaritySurgery, Unchanged
+from model.weights import cholesky_q, householder_q
 from monitors.metrics import t_sim
 
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
@@ -206,6 +207,31 @@ def test_spectral_eigenvalues_hold_after_optimizer_steps(mode, sign):
         assert vo.basis.grad.abs().sum() > 0 and vo.psi.grad.abs().sum() > 0
         opt.step()
     spectral_checks(vo, 0.1, 0.9, sign)
+
+
+@pytest.mark.parametrize("d,kappa,dtype", [(64, None, torch.float32), (256, None, torch.bfloat16),
+                                           (256, 1e5, torch.float32)])
+def test_the_cholesky_q_equals_the_householder_q(d, kappa, dtype):
+    """Spectral's GPU path (Cholesky QR in fp64), run here on the CPU: orthogonal to 1e-5 in fp32 even
+    for a basis with condition number 1e5, and the same Q and gradient as the sign-fixed Householder QR."""
+    torch.manual_seed(0)
+    b = torch.randn(d, d, dtype=torch.float64)
+    if kappa:
+        u, v = torch.linalg.qr(b)[0], torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+        b = u * torch.logspace(0, -math.log10(kappa), d, dtype=torch.float64) @ v.T
+    b = b.to(dtype)
+    out, seed = {}, torch.randn(d, d, dtype=torch.float32)
+    for f in (householder_q, cholesky_q):
+        leaf = b.clone().requires_grad_()
+        q = f(leaf)
+        (q * seed).sum().backward()
+        out[f] = q.detach().float(), leaf.grad.float()
+    q, grad = out[cholesky_q]
+    assert q.dtype == torch.float32 and (q.T @ q - torch.eye(d, dtype=q.dtype)).abs().max() < 1e-5
+    tolerance = 1e-5 * (kappa or 1) ** 0.5  # the fp32 Householder Q's own error grows with κ
+    assert (q - out[householder_q][0]).abs().max() < tolerance
+    if not kappa:  # a bf16 basis gets its gradient rounded to bf16 (2⁻⁸ relative)
+        assert (grad - out[householder_q][1]).abs().max() < (1e-4 if dtype == torch.float32 else 1e-2) * grad.abs().max()
 
 
 # ---- init properties -------------------------------------------------------------------------
