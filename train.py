@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from configs import ConfigError, exit_on_error, load_config, to_yaml
@@ -113,10 +114,23 @@ def build_engine(cfg, precision, grad_accum, resume, world_size, data_path, meta
     return engine, model, optimizer, scheduler, [int(h.item()) for h in held_per_rank]
 
 
-def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
+@dataclass
+class Run:
+    """What the training loop drives, the same on every rank: built by build_run."""
+    scheduler: object
+    checkpointer: object
+    batches: object
+    train_step: object
+    log: object
+    metrics: object
+    evaluation: object
+    monitor: object  # None when monitor.every is 0
+
+
+def build_run(cfg, data_path, meta, grad_accum, resume):
+    """Join the process group, write the run directory's config, build the engine, restore the
+    checkpoint `resume` names (if any), and set up the data, logging, evaluation and monitors."""
     import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
     from omegaconf import OmegaConf
 
     from data.loader import TrainBatches, ValBatches
@@ -124,7 +138,6 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
     from launch.distributed import check_ranks_agree, init_distributed
     from launch.metrics import TrainMetrics
     from launch.run_log import RunLog
-    from launch.step_policy import StepPolicy
     from launch.train_step import TrainStep
     from launch.validation import Evaluation
     from model.flops import peak_tflops
@@ -134,20 +147,8 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
     check_ranks_agree({"resume step": resume.step if resume else 0, "tokenizer": meta["tokenizer"]["hash"],
                        "data": data_fingerprint(meta), "config": to_yaml(cfg)}, rank)
     t = cfg.train
-    cuda = get_accelerator().device_name() == "cuda"
-    if not cuda:
-        # Once layers collapse, vanishing gradients and AdamW's decaying second moments reach subnormal
-        # floats, which a CPU computes an order of magnitude slower (a collapsed 192-layer run fell from
-        # 750 to 47 tokens/s); flushed to zero they cost nothing and change nothing above 1e-38.
-        torch.set_flush_denormal(True)
-    precision = ("bf16" if cuda else "fp32") if t.precision == "auto" else t.precision
-    run_dir = RunDir(t.out_dir)
-    if rank == 0:
-        if not resume and t.overwrite and run_dir.describe_run():
-            print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir.config, to_yaml(cfg, provenance(data_fingerprint(meta))))
-    dist.barrier()
+    cuda, precision = device_precision(t)
+    run_dir = prepare_run_dir(cfg, meta, resume, rank)
 
     engine, model, optimizer, scheduler, held_per_rank = build_engine(cfg, precision, grad_accum, resume, world_size,
                                                                       data_path, meta)
@@ -182,14 +183,53 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
                                   start_step)
         if start_step == 0:
             monitor.record(0)
+    return Run(scheduler, checkpointer, batches, train_step, log, metrics, evaluation, monitor)
 
-    policy = StepPolicy(t, stop_signal)
+
+def device_precision(t):
+    """(on CUDA?, the precision train.precision resolves to: auto is bf16 on CUDA, fp32 elsewhere)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    cuda = get_accelerator().device_name() == "cuda"
+    if not cuda:
+        # Once layers collapse, vanishing gradients and AdamW's decaying second moments reach subnormal
+        # floats, which a CPU computes an order of magnitude slower (a collapsed 192-layer run fell from
+        # 750 to 47 tokens/s); flushed to zero they cost nothing and change nothing above 1e-38.
+        torch.set_flush_denormal(True)
+    return cuda, ("bf16" if cuda else "fp32") if t.precision == "auto" else t.precision
+
+
+def prepare_run_dir(cfg, meta, resume, rank):
+    """Rank 0 moves an earlier run aside when asked (train.overwrite) and writes this run's config with
+    its provenance; every rank waits for it."""
+    import torch.distributed as dist
+
+    run_dir = RunDir(cfg.train.out_dir)
+    if rank == 0:
+        if not resume and cfg.train.overwrite and run_dir.describe_run():
+            print(f"train.overwrite=true: moved the earlier run to {run_dir.move_aside()}", file=sys.stderr)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_atomically(run_dir.config, to_yaml(cfg, provenance(data_fingerprint(meta))))
+    dist.barrier()
+    return run_dir
+
+
+def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
+    """The loop: step, log, evaluate, then roll back, save or stop as the step policy decides."""
+    import torch.distributed as dist
+
+    from launch.step_policy import StepPolicy
+
+    run = build_run(cfg, data_path, meta, grad_accum, resume)
+    log, monitor, train_step = run.log, run.monitor, run.train_step
+    policy = StepPolicy(cfg.train, stop_signal)
     stop_signal.release()
-    exit_code, step = 0, start_step
-    while step < t.max_steps:
+    exit_code, step = 0, resume.step if resume else 0
+    while step < cfg.train.max_steps:
         step_start, done = time.perf_counter(), step + 1
         monitoring = monitor is not None and monitor.due(done)
-        result = train_step(done, metrics.due(done), monitor.before_step if monitoring else None)
+        result = train_step(done, run.metrics.due(done), monitor.before_step if monitoring else None)
         if result.skipped:
             in_a_row, in_all = policy.skipped_step()
             log.write({"step": done, "skipped": True, "nonfinite": result.nonfinite, "bad_steps": in_all}, "guard")
@@ -199,24 +239,24 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
             log.info(line)
         if monitoring:
             monitor.record(done)
-        if metrics.due(done):
-            metrics.write(done, result, scheduler.get_last_lr()[0], train_step.samples_seen,
-                          batches.mix_record(train_step.samples_seen), monitor.deepest_cos if monitor else None)
-        evaluation.after_step(done)
+        if run.metrics.due(done):
+            run.metrics.write(done, result, run.scheduler.get_last_lr()[0], train_step.samples_seen,
+                              run.batches.mix_record(train_step.samples_seen), monitor.deepest_cos if monitor else None)
+        run.evaluation.after_step(done)
 
         decision = policy.after_step(done, result.loss_sum, grad_accum, result.skipped, time.perf_counter() - step_start)
-        point = checkpointer.newest() if decision.roll_back else None
+        point = run.checkpointer.newest() if decision.roll_back else None
         if point:
-            step = roll_back(point, done, train_step.samples_seen, checkpointer, log, monitor)
+            step = roll_back(point, done, train_step.samples_seen, run.checkpointer, log, monitor)
             continue
         if decision.roll_back:
             log.info(f"step {done}: loss spike, but no checkpoint to roll back to yet; continuing")
         if decision.save:
             save_start = time.monotonic()
-            checkpointer.save(done, train_step.samples_seen)
+            run.checkpointer.save(done, train_step.samples_seen)
             policy.saved(save_start)
         if decision.stop:
-            exit_code = stopped(decision, done, policy.bad_in_a_row, result.nonfinite, rank, log)
+            exit_code = stopped(decision, done, policy.bad_in_a_row, result.nonfinite, dist.get_rank(), log)
             break
         step += 1
     log.close()
