@@ -153,10 +153,14 @@ def plot_depth(found, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    depths = set()
     for preset, _, lr, by_depth in at_shallow_lr(found):
         ax.plot(list(by_depth), [mean([loss(row) for _, row in rows]) for rows in by_depth.values()], marker="o",
                 label=f"{preset}, lr {lr:g}")
+        depths |= set(by_depth)
     ax.set(xscale="log", xlabel="layers", ylabel="final_eval_loss", title="depth scaling, one lr per preset")
+    ax.set_xticks(sorted(depths), [str(d) for d in sorted(depths)])  # the depths run, not log-scale decades
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
