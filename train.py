@@ -116,7 +116,9 @@ def build_engine(cfg, precision, grad_accum, resume, world_size, data_path, meta
 
 @dataclass
 class Run:
-    """What the training loop drives, the same on every rank: built by build_run."""
+    """What the training loop drives, on each rank: built by build_run."""
+    rank: int
+    start_step: int
     scheduler: object
     checkpointer: object
     batches: object
@@ -183,7 +185,7 @@ def build_run(cfg, data_path, meta, grad_accum, resume):
                                   start_step)
         if start_step == 0:
             monitor.record(0)
-    return Run(scheduler, checkpointer, batches, train_step, log, metrics, evaluation, monitor)
+    return Run(rank, start_step, scheduler, checkpointer, batches, train_step, log, metrics, evaluation, monitor)
 
 
 def device_precision(t):
@@ -225,7 +227,7 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
     log, monitor, train_step = run.log, run.monitor, run.train_step
     policy = StepPolicy(cfg.train, stop_signal)
     stop_signal.release()
-    exit_code, step = 0, resume.step if resume else 0
+    exit_code, step = 0, run.start_step
     while step < cfg.train.max_steps:
         step_start, done = time.perf_counter(), step + 1
         monitoring = monitor is not None and monitor.due(done)
@@ -256,7 +258,7 @@ def train(cfg, data_path, meta, grad_accum, resume, stop_signal):
             run.checkpointer.save(done, train_step.samples_seen)
             policy.saved(save_start)
         if decision.stop:
-            exit_code = stopped(decision, done, policy.bad_in_a_row, result.nonfinite, dist.get_rank(), log)
+            exit_code = stopped(decision, done, policy.bad_in_a_row, result.nonfinite, run.rank, log)
             break
         step += 1
     log.close()

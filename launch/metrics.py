@@ -22,7 +22,7 @@ class TrainMetrics:
     def __init__(self, log, cfg, tokens_per_step, grad_accum, world_size, peak_tflops, start_step):
         self.log, self.log_every, self.max_steps = log, cfg.train.log_every, cfg.train.max_steps
         self.tokens_per_step, self.grad_accum, self.world_size = tokens_per_step, grad_accum, world_size
-        self.model_flops = flops_per_token(cfg.model, cfg.train.seq_len, tokens_per_step)
+        self.model_flops = flops_per_token(cfg.model, cfg.train.seq_len, cfg.train.micro_batch_size * cfg.train.seq_len)
         self.peak, self.start_step = peak_tflops, start_step
         self.tick = time.perf_counter()
 

@@ -175,7 +175,7 @@ def plan(cfg, gpus, gpu_memory_gb=80.0, mfu=0.35, peak_tflops=989.0):
                "max_micro_batch": int((budget - states[s]) // activations(k, 1))}
     # (largest micro-batch, stage) without checkpointing: the stage that allows the most, the lowest of equals
     most = max(((int((budget - states[s]) // activations(0, 1)), -s) for s in range(4)))
-    flops = flops_per_token(m, t.seq_len, t.micro_batch_size * grad_accum_steps(t, gpus) * gpus * t.seq_len)
+    flops = flops_per_token(m, t.seq_len, t.micro_batch_size * t.seq_len)
     return {
         "parameters": P, "parameters_per_block": per_block, "largest_layer": largest,
         "largest_layer_name": largest_name, "gpus": gpus, "precision": "bf16" if t.precision == "auto" else t.precision,

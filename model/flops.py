@@ -7,7 +7,7 @@ full T×T, as PaLM and nanoGPT count it (causal kernels skip about half of it: M
 is the convention, not the kernel's exact work). The methods add O(T·d) element-wise work (the
 cumulative mean of C, the shaped gains, surgery's subtraction), counted at one FLOP per element
 and pass, and spectral its per-layer QR of a d×d matrix (counted as Householder's 4d³/3 for R), once per
-optimizer step. `tests/test_ecosystem.py` checks the
+forward, that is per micro-batch. `tests/test_ecosystem.py` checks the
 count against torch's FlopCounterMode.
 """
 
@@ -23,7 +23,7 @@ def matmul_parameters(cfg):
     return L * per_layer + cfg.vocab_size * d
 
 
-def method_flops_per_token(cfg, tokens_per_step):
+def method_flops_per_token(cfg, tokens_per_forward):
     """What the seed methods add per token (forward and backward): element-wise passes over [T, d]."""
     d, L = cfg.d_model, cfg.n_layers
     passes = 0
@@ -34,13 +34,13 @@ def method_flops_per_token(cfg, tokens_per_step):
     if cfg.surgery.site != "none":
         passes += 4
     flops = 3 * passes * d * L
-    if cfg.weights == "spectral":  # one d×d QR and U·diag(λ) per layer per step
-        flops += 3 * L * (4 * d**3 / 3 + d * d) / tokens_per_step
+    if cfg.weights == "spectral":  # one d×d QR and U·diag(λ) per layer per forward
+        flops += 3 * L * (4 * d**3 / 3 + d * d) / tokens_per_forward
     return flops
 
 
-def flops_per_token(cfg, seq_len, tokens_per_step):
-    return 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * seq_len * cfg.d_model + method_flops_per_token(cfg, tokens_per_step)
+def flops_per_token(cfg, seq_len, tokens_per_forward):
+    return 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * seq_len * cfg.d_model + method_flops_per_token(cfg, tokens_per_forward)
 
 
 def peak_tflops(device_name, override=0.0):

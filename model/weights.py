@@ -70,19 +70,42 @@ def cholesky_q(b):
     R = chol(qᵀq), q ← q R⁻¹, in fp64, the first with qᵀq shifted up so it factors for any condition
     number below 1/eps; each later pass restores orthogonality. The product of the R's is the
     positive-diagonal R, so Q is the Householder one. A GPU runs a 1024×1024 Householder QR as a chain
-    of small panel kernels (not batched above n = 256), once per layer per step; these are 3 Gram
+    of small panel kernels (not batched above n = 256), once per layer per forward; these are 3 Gram
     matmuls, Choleskys and triangular solves. One unshifted pass loses orthogonality as κ²·eps, past
     1e-5 at κ = 1e6; a Gaussian n×n basis has P(κ > K) ≈ 2n/K, so at n = 1,024 one of 1,000 layers
-    starts past 1e6 nine times in ten. cholesky_ex keeps the host out of it."""
-    dtype, q = torch.promote_types(b.dtype, torch.float32), b.double()
-    n = q.shape[-1]
-    # ‖b‖_F² bounds ‖b‖₂²; the shift's size is the paper's
-    shift = 11 * (2 * n * n + n) * torch.finfo(q.dtype).eps * q.detach().square().sum()
-    eye = torch.eye(n, dtype=q.dtype, device=q.device)
-    for s in (shift, 0.0, 0.0):
-        r, _ = torch.linalg.cholesky_ex(q.T @ q + s * eye, upper=True)
-        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
-    return q.to(dtype)
+    starts past 1e6 nine times in ten."""
+    return CholeskyQ.apply(b)
+
+
+class CholeskyQ(torch.autograd.Function):
+    """cholesky_q with QR's own backward: autograd through the three passes would keep every pass's
+    fp64 q and R (56 bytes per d² and layer, 7× Householder's); this keeps Q and R in fp32 (8)."""
+
+    @staticmethod
+    def forward(ctx, b):
+        dtype, q = torch.promote_types(b.dtype, torch.float32), b.double()
+        n = q.shape[-1]
+        # ‖b‖_F² bounds ‖b‖₂²; the shift's size is the paper's
+        shift = 11 * (2 * n * n + n) * torch.finfo(q.dtype).eps * q.square().sum()
+        eye = torch.eye(n, dtype=q.dtype, device=q.device)
+        r_all, failed = eye, torch.zeros((), dtype=torch.bool, device=q.device)
+        for s in (shift, 0.0, 0.0):
+            r, info = torch.linalg.cholesky_ex(q.T @ q + s * eye, upper=True)
+            q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+            r_all, failed = r @ r_all, failed | (info != 0)
+        # a failed Cholesky leaves finite garbage: made non-finite (without asking the host) so the
+        # trainer's non-finite guard stops the step
+        q = torch.where(failed, torch.nan, q).to(dtype)
+        ctx.save_for_backward(q, r_all.to(dtype))
+        return q
+
+    @staticmethod
+    def backward(ctx, grad_q):
+        # b = QR, Q square: dQ = QΩ with Ω = tril(X, -1) − tril(X, -1)ᵀ, X = Qᵀ db R⁻¹, so
+        # db̄ = Q tril(Qᵀ Q̄ − Q̄ᵀ Q, −1) R⁻ᵀ
+        q, r = ctx.saved_tensors
+        g = q.T @ grad_q.to(q.dtype)
+        return torch.linalg.solve_triangular(r.T, q @ (g - g.T).tril(-1), upper=False, left=False)
 
 
 VALUE_OUTPUT = {"standard": StandardValueOutput, "spectral": SpectralValueOutput}

@@ -37,7 +37,7 @@ def test_each_preset_adds_exactly_its_own_work_and_peaks_are_known():
     extra = {"vanilla": 0, "pre": 0, "deepnorm": 0,
              "gapfree": 3 * 3 * d * L,  # 3 element-wise passes over [T, d] per layer, forward and backward
              "shaped": 3 * 8 * d * L, "surgery": 3 * 4 * d * L,
-             "spectral": 3 * L * (4 * d**3 / 3 + d * d) / tokens}  # a d×d QR and U·diag(λ) per layer per step
+             "spectral": 3 * L * (4 * d**3 / 3 + d * d) / tokens}  # a d×d QR and U·diag(λ) per layer per forward
     for preset, added in extra.items():
         cfg = load_config([f"configs/methods/{preset}.yaml"], [f"model.n_layers={L}", f"model.d_model={d}",
                                                                f"model.vocab_size={V}"]).model

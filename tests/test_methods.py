@@ -233,6 +233,19 @@ def test_the_cholesky_q_is_the_householder_q(d, kappa, dtype):
         assert (leaf.grad - exact.grad).abs().max() < tolerance * exact.grad.abs().max()
 
 
+def test_the_cholesky_q_keeps_one_q_and_r_and_flags_a_failed_factor():
+    """Its backward keeps Q and R in fp32 (what the Householder path keeps), not each pass's fp64
+    factors; a basis whose Gram matrix does not factor gives non-finite weights, for the step guard."""
+    saved = []
+    b = torch.randn(64, 64, dtype=torch.float32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cholesky_q(b)
+    assert sum(t.numel() * t.element_size() for t in saved) <= 8 * 64 * 64
+    singular = torch.randn(64, 64, dtype=torch.float32)
+    singular[:, 3] = 0
+    assert not torch.isfinite(cholesky_q(singular)).any()
+
+
 # ---- init properties -------------------------------------------------------------------------
 
 
