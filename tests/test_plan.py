@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs import load_config
-from launch.plan import GIB, activation_bytes, block_bytes, plan
+from launch.plan import GIB, H100_GIB, HEADROOM, PLAN_ERROR, activation_bytes, block_bytes, plan
 from model import Transformer
 from model.transformer import Block
 from tests.conftest import ROOT, run_cli
@@ -23,7 +23,7 @@ def gpu_config(name, *overrides):
 @pytest.fixture(scope="module", params=sorted(GPUS))
 def planned(request):
     cfg = gpu_config(request.param)
-    return cfg, GPUS[request.param], plan(cfg, GPUS[request.param], gpu_memory_gb=80)
+    return cfg, GPUS[request.param], plan(cfg, GPUS[request.param])
 
 
 def test_parameters_equal_the_meta_model_and_the_closed_form(planned):
@@ -72,20 +72,22 @@ def test_the_gpu_configs_hold_what_the_plan_recommends(planned):
     assert (cfg.train.zero_stage, cfg.train.activation_checkpointing) == (rec["zero_stage"],
                                                                           rec["activation_checkpointing"])
     assert cfg.train.micro_batch_size <= rec["max_micro_batch"]
-    assert rec["bytes"] <= 0.9 * 80 * GIB
+    # an "80GB" H100 holds 79.65 GiB; the plan keeps 10% of it and its own measured 14% error free
+    assert rec["bytes"] * (1 + PLAN_ERROR) <= (1 - HEADROOM) * H100_GIB * GIB
     assert (cfg.train.precision, cfg.train.seq_len, cfg.model.max_seq_len) == ("bf16", 2048, 2048)
 
 
 def test_checkpointing_every_block_keeps_the_inputs_and_one_block():
     cfg = gpu_config("l192_d1024_8gpu.yaml")
-    m, tokens, e = cfg.model, cfg.train.micro_batch_size * cfg.train.seq_len, 2
+    m, B, T, e = cfg.model, cfg.train.micro_batch_size, cfg.train.seq_len, 2
+    tokens = B * T
     loss = tokens * (12 * m.vocab_size + e * m.d_model)
     one_block = block_bytes(m, tokens, e)
-    assert activation_bytes(m, 4, 2048, e, 0) == m.n_layers * one_block + loss
-    assert activation_bytes(m, 4, 2048, e, 1) == m.n_layers * tokens * e * m.d_model + max(loss, one_block)
+    assert activation_bytes(m, B, T, e, 0) == m.n_layers * one_block + loss
+    assert activation_bytes(m, B, T, e, 1) == m.n_layers * tokens * e * m.d_model + max(loss, one_block)
     # k = 2: blocks 0, 2, 4, ... keep their input, the others everything
     half = m.n_layers // 2
-    assert activation_bytes(m, 4, 2048, e, 2) == half * tokens * e * m.d_model + half * one_block + max(loss, one_block)
+    assert activation_bytes(m, B, T, e, 2) == half * tokens * e * m.d_model + half * one_block + max(loss, one_block)
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.attention=gapfree"], ["model.attention=shaped"],
