@@ -23,7 +23,7 @@ parameters, sized by the run's DeepSpeed config; DeepSpeed's defaults keep every
 model under 10⁹ gathered on every GPU.
 Not counted: the CUDA context and fragmentation; the headroom is for them. A setting must also fit
 with the plan's own error as measured: its one check against a real run's peak (docs/gpu_plan.md)
-found it 14% under, so the figures are multiplied by 1.14 before they are compared with the budget.
+found it 14% under (plan = 0.86 × peak), so a setting must fit in 0.86 of the budget.
 
 Activations, bytes a block keeps for backward per token, e bytes per element (2 in bf16):
     e·d·(1 block input + 2 Q, K + 1 V + 1 attention output + 1 LayerNorm input + 1 MLP input
@@ -54,12 +54,14 @@ from configs import ConfigError, exit_on_error, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs/default.yaml"
 GIB = 2**30
-# what an "80GB" H100 reports (nvidia-smi: 81,559 MiB); its 80 is not in GiB
-H100_GIB = 81559 / 1024
+# what an "80GB" H100 gives CUDA: torch.cuda.get_device_properties(0).total_memory, ~81,090 MiB
+# (nvidia-smi shows 81,559 MiB; its 80 is not in GiB)
+H100_GIB = 81090 / 1024
 HEADROOM = 0.10
-# the plan was 14% under the peak of the one run it was checked against (1,000 layers x d_model 256,
-# ZeRO-3, 2 CPU ranks; docs/gpu_plan.md). Until a GPU run checks it, a setting must fit with that
-# margin too: a plan that fits to the last GiB would run out of memory after the job waited in the queue.
+# the plan was 14% under the peak of the one run it was checked against (8.35 of 9.72 GiB; 1,000
+# layers x d_model 256, ZeRO-3, 2 CPU ranks; docs/gpu_plan.md). Until a GPU run checks it, a setting
+# must fit with that margin too: a plan that fits to the last GiB would run out of memory after the
+# job waited in the queue.
 PLAN_ERROR = 0.14
 # [T, d]-sized tensors a block saves per token, by attention variant (see the docstring)
 SAVED_PER_TOKEN = {"softmax": 16, "gapfree": 17, "shaped": 20}
@@ -164,7 +166,7 @@ def plan(cfg, gpus, gpu_memory_gb=H100_GIB, mfu=0.35, peak_tflops=989.0):
     held = model_state_bytes(P, gpus, largest, mixed)
     buffers = buffer_bytes(deepspeed_config(t, "bf16" if mixed else "fp32", grad_accum_steps(t, gpus)), P, gpus, e)
     states = {s: held[s] + buffers[s] for s in range(4)}
-    budget = (1 - HEADROOM) * gpu_memory_gb * GIB / (1 + PLAN_ERROR)
+    budget = (1 - HEADROOM) * gpu_memory_gb * GIB * (1 - PLAN_ERROR)
 
     def activations(k, micro_batch=t.micro_batch_size):
         return activation_bytes(m, micro_batch, t.seq_len, e, k)
@@ -253,7 +255,7 @@ def main(argv=None):
                     help="YAML file; repeat to merge, later wins (default: configs/default.yaml)")
     ap.add_argument("--gpus", type=int, required=True, help="GPUs in all, over every node")
     ap.add_argument("--gpu-memory-gb", type=float, default=H100_GIB,
-                    help=f"memory per GPU in GiB (default {H100_GIB:.2f}: an H100 80GB; nvidia-smi's MiB / 1024)")
+                    help=f"memory per GPU in GiB, as torch's total_memory reports it (default {H100_GIB:.2f}: an H100 80GB)")
     ap.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilization assumed for tokens/s")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (989: H100 SXM)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. model.vocab_size=50304")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs import load_config
-from launch.plan import GIB, H100_GIB, HEADROOM, PLAN_ERROR, activation_bytes, block_bytes, plan
+from launch.plan import GIB, activation_bytes, block_bytes, plan
 from model import Transformer
 from model.transformer import Block
 from tests.conftest import ROOT, run_cli
@@ -72,8 +72,8 @@ def test_the_gpu_configs_hold_what_the_plan_recommends(planned):
     assert (cfg.train.zero_stage, cfg.train.activation_checkpointing) == (rec["zero_stage"],
                                                                           rec["activation_checkpointing"])
     assert cfg.train.micro_batch_size <= rec["max_micro_batch"]
-    # an "80GB" H100 holds 79.65 GiB; the plan keeps 10% of it and its own measured 14% error free
-    assert rec["bytes"] * (1 + PLAN_ERROR) <= (1 - HEADROOM) * H100_GIB * GIB
+    # an "80GB" H100 gives CUDA ~81,090 MiB; 10% of it stays free, and the plan was 14% under a measured peak
+    assert rec["bytes"] <= 0.9 * 81090 / 1024 * GIB * 0.86
     assert (cfg.train.precision, cfg.train.seq_len, cfg.model.max_seq_len) == ("bf16", 2048, 2048)
 
 
