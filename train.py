@@ -23,6 +23,7 @@ from data.resolve import resolve_data
 from launch.checkpoint import find_resume_point
 from launch.deepspeed_config import deepspeed_config, gathered, grad_accum_steps
 from launch.distributed import check_extension_build_locks, fill_launcher_env
+from launch.plan import check_gpu_memory
 from launch.preemption import StopSignal
 from launch.provenance import provenance
 from launch.run_dir import RunDir, write_atomically
@@ -307,8 +308,11 @@ def main(argv=None):
     stop_signal = StopSignal(cfg.train.time_limit_minutes, started)
     stop_signal.hold()
     data_path, meta = exit_on_error(resolve_data, cfg)
-    _, world_size, _ = fill_launcher_env()
+    rank, world_size, local_rank = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
+    memory_warning = exit_on_error(check_gpu_memory, cfg, world_size, local_rank)
+    if memory_warning and rank == 0:
+        print(memory_warning, file=sys.stderr)
     resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"], data_fingerprint(meta))
     if not resume:
         exit_on_error(check_fresh_start, cfg)

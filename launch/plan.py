@@ -193,7 +193,40 @@ def plan(cfg, gpus, gpu_memory_gb=H100_GIB, mfu=0.35, peak_tflops=989.0):
         "activation_bytes": {k: activations(k) for k in {0, 1, rec["activation_checkpointing"] if rec else 0}},
         "budget_bytes": budget, "flops_per_token": flops, "tokens_per_s": mfu * peak_tflops * 1e12 * gpus / flops,
         "recommended": rec, "max_micro_batch_without_checkpointing": (max(most[0], 0), -most[1]),
+        "configured_bytes": states[t.zero_stage] + activations(t.activation_checkpointing),
     }
+
+
+def check_gpu_memory(cfg, gpus, local_rank):
+    """train.py's check before the engine is built, on a GPU: `memory_verdict` for this GPU's memory.
+    Nothing on a CPU, or with the optimizer offloaded (which the plan does not model)."""
+    import torch
+
+    if not torch.cuda.is_available() or cfg.train.offload_optimizer:
+        return None
+    # this rank's own GPU, so that no rank opens a context on another's
+    return memory_verdict(cfg, gpus, torch.cuda.get_device_properties(local_rank).total_memory)
+
+
+def memory_verdict(cfg, gpus, memory):
+    """Stop a run whose own setting (ZeRO stage, checkpointing, micro-batch) the plan puts above its
+    GPUs' `memory` bytes: it would run out of memory after the queue and the engine's start-up, and
+    the plan is under the measured peak, not over it. Where it fits only without the plan's headroom
+    and measured error, return a warning line (None if it fits with them)."""
+    r = plan(cfg, gpus, memory / GIB)
+    t, need, rec = cfg.train, r["configured_bytes"], r["recommended"]
+    if need <= r["budget_bytes"]:
+        return None
+    setting = (f"train.zero_stage={t.zero_stage} train.activation_checkpointing={t.activation_checkpointing} "
+               f"train.micro_batch_size={t.micro_batch_size} on {gpus} GPU(s)")
+    fix = (f"use train.zero_stage={rec['zero_stage']} train.activation_checkpointing={rec['activation_checkpointing']}"
+           if rec else "nothing fits: lower train.micro_batch_size or train.seq_len, or use more GPUs")
+    table = f"`python -m launch.plan --gpus {gpus}` with the same config and overrides shows the table"
+    if need > memory:
+        raise ConfigError(f"{setting}: the plan needs {gib(need)} per GPU and the GPU holds {gib(memory)}; {fix} ({table})")
+    return (f"warning: {setting}: the plan needs {gib(need)} per GPU, more than the {gib(r['budget_bytes'])} it keeps "
+            f"within the GPU's {gib(memory)} for headroom and its own measured error; it may run out of memory. "
+            f"To be safe, {fix} ({table})")
 
 
 def gib(b):

@@ -5,8 +5,8 @@ against the configs/gpu files, and one line for bad input. No training; the mode
 import pytest
 import torch
 
-from configs import load_config
-from launch.plan import GIB, activation_bytes, block_bytes, plan
+from configs import ConfigError, load_config
+from launch.plan import GIB, activation_bytes, block_bytes, check_gpu_memory, memory_verdict, plan
 from model import Transformer
 from model.transformer import Block
 from tests.conftest import ROOT, run_cli
@@ -119,3 +119,38 @@ def test_a_bad_key_exits_2_with_one_line():
     assert proc.stderr.count("\n") == 1 and "did you mean model.n_layers" in proc.stderr
     proc = run_cli("-m", "launch.plan", "--gpus", "0", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--gpus" in proc.stderr
+
+
+H100 = 81090 * 2**20  # bytes an "80GB" H100 gives CUDA
+
+
+def test_train_stops_a_setting_the_plan_puts_above_the_gpu_and_names_the_fix():
+    """What train.py checks on each GPU before building the engine (launch.plan.check_gpu_memory)."""
+    for name, gpus in GPUS.items():  # the shipped configs fit with the plan's margins
+        assert memory_verdict(gpu_config(name), gpus, H100) is None
+    # the 1,000-layer model on 8 GPUs: the plan alone is past the GPU, so it cannot fit
+    with pytest.raises(ConfigError) as e:
+        memory_verdict(gpu_config("l1000_d1024_64gpu.yaml"), 8, H100)
+    message = str(e.value)
+    assert message.startswith("train.zero_stage=3 train.activation_checkpointing=5 train.micro_batch_size=1 on 8 GPU(s)")
+    assert "the GPU holds 79.19 GiB" in message and "use train.zero_stage=3 train.activation_checkpointing=" in message
+    assert "python -m launch.plan --gpus 8" in message
+    # block 0 alone checkpointed on 64 GPUs: below the GPU's memory, above what the plan's error allows
+    warning = memory_verdict(gpu_config("l1000_d1024_64gpu.yaml", "train.activation_checkpointing=1000"), 64, H100)
+    assert warning.startswith("warning: train.zero_stage=3 train.activation_checkpointing=1000")
+    assert "may run out of memory" in warning and "use train.zero_stage=3 train.activation_checkpointing=5" in warning
+    with pytest.raises(ConfigError, match="nothing fits: lower train.micro_batch_size"):
+        memory_verdict(gpu_config("l1000_d1024_64gpu.yaml", "train.global_batch=64", "train.micro_batch_size=64"), 1, H100)
+
+
+def test_the_check_reads_the_ranks_own_gpu_and_skips_a_cpu(monkeypatch):
+    cfg = gpu_config("l1000_d1024_64gpu.yaml")
+    assert check_gpu_memory(cfg, 8, 0) is None  # no GPU here
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: asked.append(i) or type("P", (), {"total_memory": H100})())
+    with pytest.raises(ConfigError, match="on 8 GPU"):
+        check_gpu_memory(cfg, 8, 3)
+    assert asked == [3]
+    assert check_gpu_memory(gpu_config("l1000_d1024_64gpu.yaml", "train.offload_optimizer=true"), 8, 3) is None
