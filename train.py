@@ -310,13 +310,14 @@ def main(argv=None):
     data_path, meta = exit_on_error(resolve_data, cfg)
     rank, world_size, local_rank = fill_launcher_env()
     grad_accum = exit_on_error(grad_accum_steps, cfg.train, world_size)
-    memory_warning = exit_on_error(check_gpu_memory, cfg, world_size, local_rank)
-    if memory_warning and rank == 0:
-        print(memory_warning, file=sys.stderr)
     resume = exit_on_error(find_resume_point, cfg, meta["tokenizer"]["hash"], data_fingerprint(meta))
     if not resume:
         exit_on_error(check_fresh_start, cfg)
     exit_on_error(check_extension_build_locks)
+    # last of the checks: it imports torch, which the ones above answer bad input without
+    memory_warning = exit_on_error(check_gpu_memory, cfg, world_size, local_rank)
+    if memory_warning and rank == 0:
+        print(memory_warning, file=sys.stderr)
     code = train(cfg, data_path, meta, grad_accum, resume, stop_signal)
     if code:
         # Every rank stops with this code at once, past train()'s last barrier. srun --kill-on-bad-exit
