@@ -4,6 +4,7 @@
     python bench/step_time.py --gpu      # the GPU table: 32 layers, d_model 1024, seq 2048, bf16
     python bench/step_time.py --json F   # also the results as JSON (bench/gpu.py reads them)
     python bench/step_time.py --forward-backward   # without the optimizer step
+    python bench/step_time.py --against REV         # also the model code of git revision REV, interleaved
 
 One step = forward, cross-entropy, backward and an AdamW update. The presets are timed in
 interleaved rounds (vanilla, pre, ..., vanilla, pre, ...) so that drifts of the machine hit
@@ -13,19 +14,28 @@ compiled row's ratio is to compiled vanilla.
 TFLOP/s counts model FLOPs (model/flops.py); MFU divides by the GPU's dense bf16 peak. A variant
 that fails to build or compile (shaped attention under some inductor versions) gets its error in
 its row; the others are still timed.
+With --against, every preset is also built from the model code of another git revision of this
+repository and timed in the same interleaved rounds: whether a change made any preset slower is then
+read from one run, not from two runs on a machine whose noise is as large as the change.
 Every variant stays resident for the interleaving, so --gpu's depth is what 14 copies (7 presets,
 eager and compiled) of the model and their AdamW states fit in 80 GB; the step-time ratios between
 presets do not depend on depth, since every layer is the same.
 """
 
 import argparse
+import importlib
+import io
 import json
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -37,15 +47,39 @@ from model.flops import flops_per_token, peak_tflops  # noqa: E402
 PRESETS = ["vanilla", "pre", "deepnorm", "surgery", "spectral", "gapfree", "shaped"]
 
 
-def preset_config(preset, args):
-    return load_config([f"configs/methods/{preset}.yaml"], [
+def preset_config(preset, args, root=ROOT, load=load_config):
+    return load([f"{root}/configs/methods/{preset}.yaml"], [
         f"model.n_layers={args.n_layers}", f"model.d_model={args.d_model}", f"model.n_heads={args.n_heads}",
         f"model.max_seq_len={args.seq_len}", f"train.seq_len={args.seq_len}", f"model.vocab_size={args.vocab}"])
 
 
-def make_step(preset, args, device, dtype, compiled=False):
+def revision_code(rev, into):
+    """(load_config, Transformer) of git revision `rev` of this repository: its files are extracted
+    into the folder `into` and its `configs` and `model` imported under their own names, then set
+    aside so that this checkout's stay what the rest of the script uses."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "configs", "model"], capture_output=True)
+    if archive.returncode:
+        sys.exit(f"error: --against {rev}: {archive.stderr.decode().strip()}")
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(into, filter="data")
+    ours = {name: module for name, module in sys.modules.items() if name.split(".")[0] in ("configs", "model")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, str(into))
+    try:
+        code = importlib.import_module("configs").load_config, importlib.import_module("model").Transformer
+    finally:
+        sys.path.remove(str(into))
+        for name in [n for n in sys.modules if n.split(".")[0] in ("configs", "model")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    return code
+
+
+def make_step(preset, args, device, dtype, compiled=False, code=None):
+    """One training step of `preset`, built by this checkout's code or by `code` = (root, load_config, Transformer)."""
+    root, load, transformer = code or (ROOT, load_config, Transformer)
     torch.manual_seed(0)
-    model = Transformer(preset_config(preset, args).model).to(device=device, dtype=dtype)
+    model = transformer(preset_config(preset, args, root, load).model).to(device=device, dtype=dtype)
     if compiled:
         for block in model.blocks:
             block.compile()
@@ -87,6 +121,8 @@ def main():
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--forward-backward", action="store_true", help="time forward and backward only, no optimizer step "
                                                                      "(where the methods' own work is)")
+    ap.add_argument("--against", metavar="REV", help="also time every preset as git revision REV builds it, "
+                                                       "in the same rounds, and print this checkout's time over REV's")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark's shape: 32 layers, d_model 1024, 16 heads, "
                                                        "seq 2048, batch 4, bf16, vocab 50304")
     args = ap.parse_args()
@@ -97,20 +133,26 @@ def main():
     dtype = getattr(torch, args.dtype)
     presets = args.presets.split(",")
     variants = [(p, c) for p in presets for c in ((False, True) if args.compile else (False,))]
+    codes = {None: None}
+    if args.against:
+        into = tempfile.TemporaryDirectory(prefix="step_time_")  # removed when main returns
+        codes[args.against] = (into.name, *revision_code(args.against, into.name))
     steps, failed = {}, {}
-    for v in variants:
+    for v in [(*v, rev) for rev in codes for v in variants]:
         try:  # a variant that does not build or compile is reported, not fatal: the others are still timed
-            steps[v] = make_step(*v[:1], args, device, dtype, compiled=v[1])
+            steps[v] = make_step(v[0], args, device, dtype, compiled=v[1], code=codes[v[2]])
             for _ in range(args.warmup):
                 steps[v]()
         except Exception as e:  # noqa: BLE001
-            failed[v] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            failed[v[:2]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             steps.pop(v, None)
     times = {v: [] for v in steps}
     for _ in range(args.repeats):
         for v in steps:
             times[v].append(timed(steps[v], device))
     median = {v: statistics.median(t) for v, t in times.items()}
+    theirs = {v[:2]: t for v, t in median.items() if v[2] is not None}
+    median = {v[:2]: t for v, t in median.items() if v[2] is None}
     base = median[presets[0], False]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = peak_tflops(name) if device.type == "cuda" else None
@@ -126,23 +168,31 @@ def main():
         rows.append({**row, "ms": 1000 * seconds, "ratio": seconds / median.get((presets[0], compiled), base), "tflops": tflops,
                      "mfu": tflops / peak if peak else None,
                      "vs_eager": seconds / median[p, False] if compiled and (p, False) in median else None})
+        if (p, compiled) in theirs and (presets[0], compiled) in theirs:
+            rows[-1].update(against_ratio=theirs[p, compiled] / theirs[presets[0], compiled],
+                            vs_against=seconds / theirs[p, compiled])
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     header = (f"{name}; torch {torch.__version__}; {args.n_layers} layers, d_model {args.d_model}, "
               f"batch {args.batch} x {args.seq_len}, {args.dtype}, median of {args.repeats}"
-              + ("; forward + backward only" if args.forward_backward else ""))
+              + ("; forward + backward only" if args.forward_backward else "")
+              + (f"; against {args.against}, in the same rounds" if args.against else ""))
+    against = [f"{args.against}: ratio to its {presets[0]}", f"this / {args.against}"] if args.against else []
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "header": header, "rows": rows, "peak_memory_gib": memory}))
     print(header)
-    print(f"| preset | step time (ms) | ratio to {presets[0]} (compiled: to compiled {presets[0]}) | compiled / eager | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    columns = ["preset", "step time (ms)", f"ratio to {presets[0]} (compiled: to compiled {presets[0]})",
+               "compiled / eager", "TFLOP/s", "MFU", *against]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
         label = f"{r['preset']} (compiled)" if r["compiled"] else r["preset"]
         if "failed" in r:
-            print(f"| {label} | failed: {r['failed']} | | | | |")
+            print(f"| {label} | failed: {r['failed']} |" + " |" * (len(columns) - 2))
             continue
         vs_eager = f"{r['vs_eager']:.3f}" if r["vs_eager"] else "–"
         mfu = f"{r['mfu']:.3f}" if r["mfu"] else "–"
-        print(f"| {label} | {r['ms']:.1f} | {r['ratio']:.3f} | {vs_eager} | {r['tflops']:.3g} | {mfu} |")
+        theirs = [f"{r['against_ratio']:.3f}", f"{r['vs_against']:.3f}"] if "vs_against" in r else ["–"] * len(against)
+        print(" | ".join([f"| {label}", f"{r['ms']:.1f}", f"{r['ratio']:.3f}", vs_eager, f"{r['tflops']:.3g}", mfu, *theirs]) + " |")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.mark.slow
@@ -24,3 +24,34 @@ def test_gpu_benchmark_without_a_gpu_says_so():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: no CUDA GPU here: bench/gpu.py measures one; `--smoke` runs its stages at "
                                    "toy sizes on the CPU")
+
+
+def test_step_time_times_another_revision_in_the_same_rounds():
+    proc = run_cli("bench/step_time.py", "--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--seq-len", "16",
+                   "--batch", "1", "--vocab", "64", "--repeats", "1", "--warmup", "0", "--presets", "vanilla,shaped",
+                   "--against", "HEAD", env={"OMP_NUM_THREADS": "1"})
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith("; against HEAD, in the same rounds")
+    assert lines[1].endswith("| HEAD: ratio to its vanilla | this / HEAD |")
+    vanilla, shaped = (line.strip("| ").split(" | ") for line in lines[3:5])
+    assert vanilla[0] == "vanilla" and vanilla[-2] == "1.000" and float(vanilla[-1]) > 0
+    assert shaped[0] == "shaped" and float(shaped[-2]) > 0 and float(shaped[-1]) > 0
+
+
+def test_another_revisions_code_is_imported_beside_this_checkouts(tmp_path):
+    import importlib.util
+    import sys
+
+    import model
+    spec = importlib.util.spec_from_file_location("step_time", ROOT / "bench" / "step_time.py")
+    step_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_time)
+    _, transformer = step_time.revision_code("HEAD", tmp_path)
+    assert transformer.forward.__code__.co_filename == str(tmp_path / "model" / "transformer.py")
+    assert sys.modules["model"] is model and model.Transformer is not transformer
+
+
+def test_step_time_names_a_revision_that_does_not_exist():
+    proc = run_cli("bench/step_time.py", "--against", "no-such-revision", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --against no-such-revision: ")
