@@ -65,6 +65,28 @@ def block_hooks(model, on_block, on_mixer=None):
             h.remove()
 
 
+@torch.no_grad()
+def measure_layers(forward, model, tokens, heads):
+    """Every layer's metrics on `tokens`, each computed as its block runs (no layer's output is kept):
+    the hidden-state metrics, and the attention metrics of the given heads. Tensors on the device;
+    `read_once` reads them all at once. `forward` runs the model (the DeepSpeed engine in training)."""
+    hidden, attention = [], []
+
+    def on_mixer(mixer, inputs):
+        q, k, _ = inputs
+        p, a = mixer.attention_matrices(q[:, heads].float(), k[:, heads].float(), heads)
+        attention.append({"attn_entropy": attention_entropy(p), "attn_sigma_ratio": sigma_ratio(a)})
+
+    was_training = model.training
+    model.eval()
+    try:
+        with block_hooks(model, lambda i, output: hidden.append(hidden_state_metrics(output)), on_mixer):
+            forward(tokens)
+    finally:
+        model.train(was_training)
+    return [{"layer": i, **m, **a} for i, (m, a) in enumerate(zip(hidden, attention))]
+
+
 def full_grad(p):
     from deepspeed.utils import safe_get_full_grad
 
@@ -187,25 +209,8 @@ class CollapseMonitor:
 
     # ---- the probe --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _probe(self):
-        """Every layer's metrics on the probe batch, each computed as its block runs (no layer's
-        output is kept) and all read from the device at once."""
-        hidden, attention = [], []
-
-        def on_mixer(mixer, inputs):
-            q, k, _ = inputs
-            p, a = mixer.attention_matrices(q[:, self.heads].float(), k[:, self.heads].float(), self.heads)
-            attention.append({"attn_entropy": attention_entropy(p), "attn_sigma_ratio": sigma_ratio(a)})
-
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with block_hooks(self.model, lambda i, output: hidden.append(hidden_state_metrics(output)), on_mixer):
-                self.forward(self.probe)
-        finally:
-            self.model.train(was_training)
-        return [{"layer": i, **m, **a} for i, (m, a) in enumerate(zip(hidden, attention))]
+        return measure_layers(self.forward, self.model, self.probe, self.heads)
 
     def _layer_scalars(self, layers, step):
         """`layers/<metric>/layer_NNNN` for every layer of a model up to MAX_LAYER_SCALARS layers deep;

@@ -127,6 +127,21 @@ def test_monitor_metrics_equal_an_fp64_svd(tmp_path):
             assert len(layer["attn_entropy"]) == 2
 
 
+def test_krylov_metrics_of_collapsed_layers_equal_an_fp64_svd():
+    """Nearly rank-1 hidden states and attention (a collapsed layer): the Krylov space runs out, and
+    before its basis was made orthonormal the stable rank read 1.12 for 1.20, and below 1."""
+    torch.manual_seed(0)
+    for eps in (0.0, 1e-4, 1e-2, 0.3):
+        x = torch.randn(4, 128, 1) * torch.randn(4, 1, 64) + 0.5 * torch.randn(4, 1, 64) + eps * torch.randn(4, 128, 64)
+        s = torch.linalg.svdvals(x.double())
+        ranks = stable_ranks(x)
+        assert ranks["stable_rank"].item() == pytest.approx(((s / s[:, :1]) ** 2).sum(-1).mean().item(), rel=1e-4)
+        assert ranks["stable_rank4"].item() == pytest.approx(((s / s[:, :1]) ** 4).sum(-1).mean().item(), rel=1e-4)
+        a = torch.softmax(torch.randn(2, 1, 64) + eps * torch.randn(2, 64, 64), -1)  # every row alike
+        s = torch.linalg.svdvals(a.double())
+        assert sigma_ratio(a[:, None]).item() == pytest.approx((s[:, 1] / s[:, 0]).mean().item(), rel=1e-3, abs=1e-6)
+
+
 def test_deep_models_get_layer_summaries_in_tensorboard(tmp_path):
     """Past 64 layers TensorBoard gets each metric's min, median and max over the layers, not a card per layer."""
     cfg = load_config([], ["model.n_layers=65", "model.d_model=16", "model.n_heads=2", "model.vocab_size=64"])
@@ -174,6 +189,17 @@ def test_probe_cli_reports_every_layer(tiny_data, tmp_path):
     deep = many["depths"]["24"]["layers"]
     assert len(deep) == 24 and deep[-1]["cos_sim"] > 0.9  # vanilla post-norm with fan-in init collapses
     assert (tmp_path / "p.png").is_file()
+
+
+def test_collapse_cli_measures_a_checkpoint_as_the_monitor_did(tiny_run):
+    """tools.collapse on the run's last checkpoint gives the monitor's last record at that step."""
+    out = json.loads(run_cli("-m", "tools.collapse", "--run", str(tiny_run), "--json").stdout)
+    record = read_jsonl(tiny_run / "monitors.jsonl.gz")[-1]
+    assert out["step"] == record["step"] == 40
+    for now, then in zip(out["layers"], record["layers"], strict=True):
+        for key in ("cos_sim", "t_sim", "stable_rank", "rms", "attn_sigma_ratio"):
+            assert significant(now[key]) == pytest.approx(then[key], rel=2e-4), key
+    assert out["collapsed_layers"] == 0
 
 
 def test_the_update_ratio_of_evenly_spaced_blocks_only(tmp_path):

@@ -1,0 +1,51 @@
+"""Collapse metrics of every layer of a trained run, on the probe batch its training monitor used.
+
+    python -m tools.collapse --run OUT_DIR [--checkpoint TAG] [--json]
+
+The first `monitor.batch` windows of the validation split (`monitor.seq_len` tokens), the metrics
+of monitors/metrics.py and the run's own thresholds: the monitor's record at that step, measured
+again now, so a checkpoint's collapse can be read after the run (or after a fix to a metric). Prints
+one line per layer and the number of collapsed layers (JSON with --json).
+"""
+
+import argparse
+import json
+
+from configs import exit_on_error
+
+
+def main(argv=None):
+    from tools.pretrained import load_run
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, help="the run directory (train.out_dir)")
+    ap.add_argument("--checkpoint", help="a checkpoint tag such as step_00001200 (default: the newest)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    import torch
+
+    from data.loader import ValBatches
+    from monitors.collapse import evenly_spaced, measure_layers
+    from monitors.metrics import collapsed, read_once
+
+    cfg, model, marker, data_path, _ = exit_on_error(load_run, args.run, args.checkpoint)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = cfg.monitor
+    probe = ValBatches(data_path, m.seq_len or cfg.train.seq_len, m.batch, 1, 0, f"first:{m.batch}")
+    tokens = next(probe.batches(device))[0]
+    model.to(device)
+    layers = read_once(measure_layers(model, model, tokens, evenly_spaced(cfg.model.n_heads, m.heads)))
+    n = sum(collapsed(layer, m.collapse_threshold, m.stable_rank_threshold) for layer in layers)
+    if args.json:
+        print(json.dumps({"step": marker["step"], "collapsed_layers": n, "layers": layers}))
+        return
+    print(f"step {marker['step']}:  layer  cos_sim  t_sim  stable_rank  rms    attn_sigma_ratio")
+    for r in layers:
+        print(f"{r['layer']:>14d}  {r['cos_sim']:7.4f}  {r['t_sim']:5.3f}  {r['stable_rank']:11.3f}  "
+              f"{r['rms']:.3f}  {r['attn_sigma_ratio']:.4f}")
+    print(f"collapsed layers: {n} of {len(layers)} (token cosine >= {m.collapse_threshold} or stable rank "
+          f"<= {m.stable_rank_threshold})")
+
+
+if __name__ == "__main__":
+    main()
