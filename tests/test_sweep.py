@@ -50,6 +50,16 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     again = sweep(out, tiny_data)
     assert again.stderr.count("complete, skipped") == 4 and ": training" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
+    # --remeasure: the end-of-run fields from the last monitored checkpoint, measured again
+    cell = out / "gapfree-L2-gpt2" / "result.json"
+    before = json.loads(cell.read_text())
+    cell.write_text(json.dumps({**before, "stable_rank_end": 0.5, "collapsed_layers_end": 2}))
+    sweep(out, tiny_data, "--remeasure")
+    after = json.loads(cell.read_text())
+    assert after["end_remeasured"]["step"] == 6 and after["end_remeasured"]["commit"] == before["provenance"]["commit"]
+    assert after["stable_rank_end"] == pytest.approx(before["stable_rank_end"], rel=2e-4)
+    assert {k: v for k, v in after.items() if k not in ("stable_rank_end", "cos_sim_end", "end_remeasured")} == {
+        k: v for k, v in before.items() if k not in ("stable_rank_end", "cos_sim_end")}
 
 
 @pytest.mark.slow

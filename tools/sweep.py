@@ -10,8 +10,9 @@ of its own after `+`: `vanilla+model.head_bias=none` is the vanilla preset with 
 so a confound experiment (one change at a time) is a sweep too.
 
 A cell with a `result.json` is complete and skipped, unless its config.yaml no longer matches what
-the cell resolves to (a preset changed since: then it is rerun from scratch) or it failed (a crash,
-an OOM, a lost node may be transient: then it is retried). An interrupted cell
+the cell resolves to (a preset changed since: the sweep stops naming the cell and the keys, and
+with --force deletes it and reruns it from scratch) or it failed (a crash, an OOM, a lost node may
+be transient: then it is retried). An interrupted cell
 resumes from its newest checkpoint (train.resume=auto); a cell that diverges (the non-finite guard
 stops it) is recorded as diverged, one whose final loss is not below its first as stalled, and the
 sweep goes on.
@@ -24,6 +25,8 @@ cell in DIR: sub-grids run one after another into one directory build one table.
                   run this command again with --report to collect)
     --cell N      run only cell N (what each array task does)
     --init-only   no training: collapse metrics at init through monitors.probe, up to any depth
+    --remeasure   no training: each finished cell's end-of-run collapse measured again on its last
+                  monitored checkpoint (tools.collapse), into its result.json; then the report
 """
 
 import argparse
@@ -147,7 +150,6 @@ def cell_result(directory, cell, returncode, is_collapsed):
     stalled = len(losses) > 1 and losses[-1] >= losses[0]
     crossed = [r["step"] for r in monitors if any(is_collapsed(layer) for layer in r["layers"])]
     status = "diverged" if diverged else f"failed (exit {returncode})" if returncode else "stalled" if stalled else "ok"
-    end = monitors[-1]["layers"] if monitors else None
     return {
         "method": method, "depth": depth, "init": init or "preset", "seed": seed, "status": status,
         "final_loss": losses[-1] if losses else None,
@@ -156,13 +158,41 @@ def cell_result(directory, cell, returncode, is_collapsed):
         "unigram_entropy": data[0]["unigram_entropy"] if data else None,
         "tokens_per_s": sum(r["tokens_per_s"] for r in train[1:]) / max(1, len(train) - 1) if train else None,
         "cos_sim_init": monitors[0]["layers"][-1]["cos_sim"] if monitors else None,
-        "cos_sim_end": end[-1]["cos_sim"] if end else None,
-        "stable_rank_end": end[-1]["stable_rank"] if end else None,
-        "collapsed_layers_end": sum(map(is_collapsed, end)) if end else None,
+        **end_of_run(monitors[-1]["layers"] if monitors else None, is_collapsed),
         "first_collapse_step": crossed[0] if crossed else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in train), default=None),
         "provenance": recorded_provenance(directory),
     }
+
+
+def end_of_run(layers, is_collapsed):
+    """The deepest layer's cosine and stable rank and the number of collapsed layers at the end."""
+    return {"cos_sim_end": layers[-1]["cos_sim"] if layers else None,
+            "stable_rank_end": layers[-1]["stable_rank"] if layers else None,
+            "collapsed_layers_end": sum(map(is_collapsed, layers)) if layers else None}
+
+
+def remeasure(output, is_collapsed):
+    """For every finished cell in the output directory that kept a checkpoint of its last monitored
+    step: measure its layers again there (tools.collapse) and rewrite result.json's end-of-run fields
+    from them, with the commit that measured them under `end_remeasured`. For cells monitored by
+    code whose metric has since been fixed; the monitor's own file is left as it was written."""
+    from launch.provenance import provenance
+    from tools.collapse import measure
+
+    code = {k: v for k, v in provenance(None).items() if k in ("commit", "dirty")}
+    for result_file in sorted(Path(output).glob("*/result.json")):
+        directory = result_file.parent
+        step = read_jsonl(RunDir(directory).monitors)[-1]["step"]
+        tag = f"step_{step:08d}"
+        if not (directory / "checkpoints" / tag).is_dir():
+            print(f"{directory.name}: no checkpoint {tag}, kept", file=sys.stderr)
+            continue
+        result = json.loads(result_file.read_text())
+        result.update(end_of_run(measure(directory, tag)["layers"], is_collapsed), end_remeasured={"step": step, **code})
+        (directory / "result.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
+        (directory / "result.json.tmp").replace(result_file)
+        print(f"{directory.name}: {result['collapsed_layers_end']} collapsed at step {step}", file=sys.stderr)
 
 
 def run_cell(args, cell, is_collapsed, env=None):
@@ -398,6 +428,9 @@ def main(argv=None):
     ap.add_argument("--cell", type=int)
     ap.add_argument("--report", action="store_true",
                     help="only collect results.* and plots from the finished cells in --output")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="measure the last monitored checkpoint of each finished cell in --output again "
+                         "(tools.collapse) and rewrite its end-of-run collapse fields, then report")
     ap.add_argument("--init-only", action="store_true")
     ap.add_argument("--force", action="store_true",
                     help="delete and rerun finished cells whose config differs from what the sweep asks for")
@@ -417,7 +450,7 @@ def main(argv=None):
                 raise ConfigError(f"--methods: no preset configs/methods/{preset.name}")
         for cell in cells(methods, depths, inits, seeds):  # every cell's config, before any training
             load_config(*cell_config(args, cell))
-            if not (args.report or args.init_only or args.slurm):
+            if not (args.report or args.remeasure or args.init_only or args.slurm):
                 check_unchanged(args, cell)
         return load_config(args.config, args.overrides)
 
@@ -445,7 +478,9 @@ def main(argv=None):
     if args.cell is not None:  # one task of the SLURM array; --report collects afterwards
         exit_on_error(run_cell, args, grid[args.cell], is_collapsed)
         return
-    if not args.report:
+    if args.remeasure:
+        exit_on_error(remeasure, args.output, is_collapsed)
+    elif not args.report:
         exit_on_error(run_grid, args, grid, is_collapsed)
     report(args.output)
     print(f"results: {Path(args.output) / 'results.md'}")
