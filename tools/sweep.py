@@ -178,6 +178,7 @@ def remeasure(output, is_collapsed):
     from them, with the commit that measured them under `end_remeasured`. For cells monitored by
     code whose metric has since been fixed; the monitor's own file is left as it was written."""
     from launch.provenance import provenance
+    from monitors.collapse import significant
     from tools.collapse import measure
 
     code = {k: v for k, v in provenance(None).items() if k in ("commit", "dirty")}
@@ -189,7 +190,8 @@ def remeasure(output, is_collapsed):
             print(f"{directory.name}: no checkpoint {tag}, kept", file=sys.stderr)
             continue
         result = json.loads(result_file.read_text())
-        result.update(end_of_run(measure(directory, tag)["layers"], is_collapsed), end_remeasured={"step": step, **code})
+        layers = significant(measure(directory, tag)["layers"])  # as the monitor writes them
+        result.update(end_of_run(layers, is_collapsed), end_remeasured={"step": step, **code})
         (directory / "result.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
         (directory / "result.json.tmp").replace(result_file)
         print(f"{directory.name}: {result['collapsed_layers_end']} collapsed at step {step}", file=sys.stderr)
