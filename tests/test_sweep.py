@@ -60,6 +60,9 @@ def test_skip_complete_resume_partial_and_report(tiny_data, tmp_path):
     assert after["stable_rank_end"] == pytest.approx(before["stable_rank_end"], rel=2e-4)
     assert {k: v for k, v in after.items() if k not in ("stable_rank_end", "cos_sim_end", "end_remeasured")} == {
         k: v for k, v in before.items() if k not in ("stable_rank_end", "cos_sim_end")}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    sweep(out, tiny_data, "--remeasure")  # a cell measured again is not measured a second time
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == mtimes
 
 
 @pytest.mark.slow

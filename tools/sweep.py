@@ -25,7 +25,7 @@ cell in DIR: sub-grids run one after another into one directory build one table.
                   run this command again with --report to collect)
     --cell N      run only cell N (what each array task does)
     --init-only   no training: collapse metrics at init through monitors.probe, up to any depth
-    --remeasure   no training: each finished cell's end-of-run collapse measured again on its last
+    --remeasure   no training: each finished cell's end-of-run collapse measured again (once) on its last
                   monitored checkpoint (tools.collapse), into its result.json; then the report
 """
 
@@ -174,9 +174,10 @@ def end_of_run(layers, is_collapsed):
 
 def remeasure(output, is_collapsed):
     """For every finished cell in the output directory that kept a checkpoint of its last monitored
-    step: measure its layers again there (tools.collapse) and rewrite result.json's end-of-run fields
-    from them, with the commit that measured them under `end_remeasured`. For cells monitored by
-    code whose metric has since been fixed; the monitor's own file is left as it was written."""
+    step and has not been measured again: measure its layers there (tools.collapse) and rewrite
+    result.json's end-of-run fields from them, with the commit that measured them under
+    `end_remeasured`. For cells monitored by code whose metric has since been fixed; the monitor's own
+    file is left as it was written."""
     from launch.provenance import provenance
     from monitors.collapse import significant
     from tools.collapse import measure
@@ -184,12 +185,14 @@ def remeasure(output, is_collapsed):
     code = {k: v for k, v in provenance(None).items() if k in ("commit", "dirty")}
     for result_file in sorted(Path(output).glob("*/result.json")):
         directory = result_file.parent
+        result = json.loads(result_file.read_text())
+        if "end_remeasured" in result:
+            continue
         step = read_jsonl(RunDir(directory).monitors)[-1]["step"]
         tag = f"step_{step:08d}"
         if not (directory / "checkpoints" / tag).is_dir():
             print(f"{directory.name}: no checkpoint {tag}, kept", file=sys.stderr)
             continue
-        result = json.loads(result_file.read_text())
         layers = significant(measure(directory, tag)["layers"])  # as the monitor writes them
         result.update(end_of_run(layers, is_collapsed), end_remeasured={"step": step, **code})
         (directory / "result.json.tmp").write_text(json.dumps(result, indent=1) + "\n")
