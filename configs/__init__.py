@@ -39,6 +39,7 @@ SINCE = {
     },
     2: {"monitor.update_layers": 0},  # every block's update ratio
     3: {"monitor.seq_len": 0, "monitor.heads": 0},  # the probe at train.seq_len, every head
+    4: {"model.depth_scaling.stack_norm_rule": False},
 }
 
 

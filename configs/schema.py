@@ -77,6 +77,9 @@ class DepthScalingConfig:
     base_layers: int = opt(12, "the depth at which depth scaling changes nothing: tune train.lr there", check=positive)
     optimizer_rules: bool = opt(True, "with alpha > 0, also scale the branch parameters' lr, AdamW eps and weight decay "
                                       "(model/optimizer_groups.py); false = the branch multiplier alone")
+    stack_norm_rule: bool = opt(False, "with alpha > 0 and optimizer_rules, the LayerNorms after each residual add "
+                                       "(post-norm, DeepNorm) train at lr x base_layers/n_layers: their affine maps "
+                                       "compose over the stack (model/optimizer_groups.py)")
 
 
 @dataclass
@@ -224,7 +227,7 @@ class MonitorConfig:
 
 # Raised whenever a change makes an older config.yaml mean something else; configs.saved_config
 # reads older files as they ran (configs/__init__.py, SINCE).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass

@@ -27,19 +27,28 @@ What is stream and what is branch follows from where the parameter acts, so it d
   input), shaped attention's alpha, beta, gamma and branch gains, the spectral basis and
   eigenvalues. Surgery and gap removal add no parameters.
 At L = L_base every rule is the identity: the run is exactly the preset's.
+
+The stack-norm rule (model.depth_scaling.stack_norm_rule, off by default): post-norm's and
+DeepNorm's LNs after each residual add train at lr x 1/r. With a small m, block l maps the stream
+to about g_l * normalize(x) + b_l, so the 2L affine maps compose: an Adam step moves each gain
+and bias by about lr in a direction shared across blocks (they see the same stream), and the
+composed map moves by about 2L·lr. Coordinates with larger gains grow geometrically through the
+stack and the biases add up along one direction, which collapses the stream's rank at depth.
+lr x 1/r keeps the composed step what it is at L_base, whatever alpha is.
 """
 
 from model.init import full_shape
 
 
+def stack_norm_parameters(model):
+    """ids of the LayerNorm parameters after each residual add (post-norm, DeepNorm; none in pre-norm)."""
+    return {id(p) for block in model.blocks for join in (block.attn_residual, block.mlp_residual)
+            if join.stream_norm for p in join.norm.parameters()}
+
+
 def stream_parameters(model):
     """ids of the parameters that act on the residual stream outside every branch."""
-    ids = {id(p) for name, p in model.named_parameters() if not name.startswith("blocks.")}
-    for block in model.blocks:
-        for join in (block.attn_residual, block.mlp_residual):
-            if join.stream_norm:
-                ids |= {id(p) for p in join.norm.parameters()}
-    return ids
+    return {id(p) for name, p in model.named_parameters() if not name.startswith("blocks.")} | stack_norm_parameters(model)
 
 
 def parameter_groups(model, train):
@@ -63,7 +72,14 @@ def parameter_groups(model, train):
         stream = [p for p in trained if id(p) in stream_ids]
         branch = [p for p in trained if id(p) not in stream_ids]
         rules = {"lr_factor": r ** (alpha - 1), "eps_factor": r**-alpha}
+        if cfg.stack_norm_rule:
+            stack_ids = stack_norm_parameters(model)
+            stream = [p for p in stream if id(p) not in stack_ids]
+            stack = [p for p in trained if id(p) in stack_ids]
+        else:
+            stack = []
         groups = [group("stream_decay", stream, True), group("stream_no_decay", stream, False),
+                  group("stack_norms", stack, False, lr_factor=1 / r),
                   group("branch_decay", branch, True, **rules, decay_factor=r ** (1 - alpha)),
                   group("branch_no_decay", branch, False, **rules)]
     return [g for g in groups if g["params"]]

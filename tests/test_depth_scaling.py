@@ -68,6 +68,29 @@ def test_branch_multipliers_and_groups_equal_the_formulas(preset, layers, alpha)
         assert all((p.dim() >= 2) == ("no_decay" not in name) for p in g["params"])
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("layers", [2, 16])
+def test_the_stack_norm_rule_scales_the_lr_of_the_norms_after_each_add(preset, layers):
+    """model.depth_scaling.stack_norm_rule: post-norm's and DeepNorm's LNs after each residual add get
+    lr x L_base/L, eps and no decay as the stream's; every other group is as without the rule."""
+    cfg = config(preset, layers, 1.0, 12, "model.depth_scaling.stack_norm_rule=true")
+    model, plain = build(cfg), build(config(preset, layers, 1.0))
+
+    def named_groups(model):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {g["name"]: dict(g, params=[names[id(p)] for p in g["params"]]) for g in parameter_groups(model, cfg.train)}
+
+    with_rule, without = named_groups(model), named_groups(plain)
+    stack = {n for n in expected_stream(model, cfg.model.norm) if n.startswith("blocks.")}
+    assert set(with_rule.get("stack_norms", {"params": []})["params"]) == stack
+    if stack:
+        g = with_rule["stack_norms"]
+        assert (g["lr"], g["eps"], g["weight_decay"]) == pytest.approx((3e-3 * 12 / layers, 1e-6, 0.0), rel=1e-12)
+    for name, g in without.items():
+        assert with_rule[name]["params"] == [n for n in g["params"] if n not in stack]
+        assert (with_rule[name]["lr"], with_rule[name]["eps"]) == (g["lr"], g["eps"])
+
+
 @pytest.mark.parametrize("preset", ["vanilla", "pre"])
 def test_the_multiplier_scales_each_branch_output(preset):
     """Post-norm LN(x + m·f(x)) and pre-norm x + m·f(LN(x)): the same as the unscaled model with each
