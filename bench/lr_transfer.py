@@ -34,9 +34,18 @@ from tools.sweep import cell_dir, row_cell  # noqa: E402
 TOLERANCE = 0.02
 
 
+class Variant(collections.namedtuple("Variant", "preset alpha stack_norms")):
+    """A curve's key: the preset and its depth scaling (alpha, and whether the stack-norm rule is on)."""
+
+    def scaling(self):
+        if not self.alpha:
+            return "no depth scaling"
+        return f"alpha = {self.alpha:g}" + (", stack-norm rule" if self.stack_norms else "")
+
+
 def cells(directories):
-    """{(preset, alpha): {depth: {lr: [(sweep directory, results.csv row) per seed]}}} of every
-    finished cell, each placed by its own config.yaml."""
+    """{Variant: {depth: {lr: [(sweep directory, results.csv row) per seed]}}} of every finished
+    cell, each placed by its own config.yaml."""
     from omegaconf import OmegaConf
 
     out = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
@@ -46,14 +55,14 @@ def cells(directories):
             if row["final_eval_loss"] in ("", None) and row["status"] in ("ok", "stalled"):
                 continue  # not finished
             cfg = saved_config(OmegaConf.load(RunDir(cell_dir(directory, row_cell(row))).config))
-            preset = row["method"].split("+")[0]
-            alpha = cfg.model.depth_scaling.alpha
-            out[preset, alpha][cfg.model.n_layers][cfg.train.lr].append((directory, row))
-            if alpha:
-                base[preset, alpha] = cfg.model.depth_scaling.base_layers
-    for (preset, alpha), at in base.items():  # the unscaled runs at L_base are the scaled runs there
-        for lr, found in out.get((preset, 0.0), {}).get(at, {}).items():
-            out[preset, alpha][at].setdefault(lr, found)
+            scaling = cfg.model.depth_scaling
+            key = Variant(row["method"].split("+")[0], scaling.alpha, bool(scaling.alpha and scaling.stack_norm_rule))
+            out[key][cfg.model.n_layers][cfg.train.lr].append((directory, row))
+            if key.alpha:
+                base[key] = scaling.base_layers
+    for key, at in base.items():  # the unscaled runs at L_base are the scaled runs there
+        for lr, found in out.get(Variant(key.preset, 0.0, False), {}).get(at, {}).items():
+            out[key][at].setdefault(lr, found)
     return out
 
 
@@ -63,7 +72,7 @@ def loss(row):
 
 
 def curves(directories):
-    """{(preset, alpha): {depth: {lr: [losses over seeds]}}} from every finished cell."""
+    """{Variant: {depth: {lr: [losses over seeds]}}} from every finished cell."""
     return {key: {depth: {lr: [loss(row) for _, row in found] for lr, found in by_lr.items()}
                   for depth, by_lr in by_depth.items()}
             for key, by_depth in cells(directories).items()}
@@ -95,9 +104,9 @@ def transfers(by_depth, depth, grid):
 
 def tables(data):
     lines = []
-    for (preset, alpha), by_depth in sorted(data.items()):
+    for key, by_depth in sorted(data.items()):
         grid = sorted({lr for by_lr in by_depth.values() for lr in by_lr})
-        name = f"`{preset}`, " + (f"depth scaling alpha = {alpha:g}" if alpha else "no depth scaling")
+        name = f"`{key.preset}`, " + ("depth scaling " if key.alpha else "") + key.scaling()
         lines += [f"**{name}** (final_eval_loss; mean over seeds; `–` not run, `x` diverged or failed)", "",
                   "| layers | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | best lr | transfers from the shallowest |",
                   "|---|" + "---|" * (len(grid) + 2)]
@@ -116,12 +125,12 @@ def tables(data):
 
 
 def at_shallow_lr(found):
-    """(preset, alpha, lr, {depth: [(directory, row)]}) of each depth-scaled preset at the lr best at its
+    """(Variant, lr, {depth: [(directory, row)]}) of each depth-scaled preset at the lr best at its
     shallowest depth, at every depth that lr ran."""
-    for (preset, alpha), by_depth in sorted(found.items()):
+    for key, by_depth in sorted(found.items()):
         lr = best({lr: [loss(row) for _, row in rows] for lr, rows in by_depth[min(by_depth)].items()})
-        if alpha and lr is not None:
-            yield preset, alpha, lr, {d: by_depth[d][lr] for d in sorted(by_depth) if lr in by_depth[d]}
+        if key.alpha and lr is not None:
+            yield key, lr, {d: by_depth[d][lr] for d in sorted(by_depth) if lr in by_depth[d]}
 
 
 def depth_table(found):
@@ -131,7 +140,7 @@ def depth_table(found):
     over the last layer's at the end, one entry per seed."""
     lines = ["| preset | lr | layers | final_eval_loss | below the unigram entropy | deepest layer: cosine / "
              "stable rank / collapsed layers | gradient norm, first / last layer |", "|---|---|---|---|---|---|---|"]
-    for preset, alpha, lr, by_depth in at_shallow_lr(found):
+    for key, lr, by_depth in at_shallow_lr(found):
         for depth, rows in by_depth.items():
             trained = [row for _, row in rows if loss(row) == loss(row)]
             losses = [loss(row) for row in trained]
@@ -140,7 +149,7 @@ def depth_table(found):
                               f"{r['collapsed_layers_end']}" if loss(r) == loss(r) else r["status"]
                               for _, r in rows)
             grads = "; ".join(f"{dynamics(directory, r)[0]:.2g}" for directory, r in rows)
-            lines.append(f"| `{preset}`, alpha = {alpha:g} | {lr:g} | {depth} | "
+            lines.append(f"| `{key.preset}`, {key.scaling()} | {lr:g} | {depth} | "
                          f"{mean_spread(losses) if trained else 'x'} | {below} | {state} | {grads} |")
     return "\n".join(lines) + "\n"
 
@@ -154,9 +163,9 @@ def plot_depth(found, path):
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     depths = set()
-    for preset, _, lr, by_depth in at_shallow_lr(found):
+    for key, lr, by_depth in at_shallow_lr(found):
         ax.plot(list(by_depth), [mean([loss(row) for _, row in rows]) for rows in by_depth.values()], marker="o",
-                label=f"{preset}, lr {lr:g}")
+                label=f"{key.preset}" + (", stack-norm rule" if key.stack_norms else "") + f", lr {lr:g}")
         depths |= set(by_depth)
     ax.set(xscale="log", xlabel="layers", ylabel="final_eval_loss", title="depth scaling, one lr per preset")
     ax.set_xticks(sorted(depths), [str(d) for d in sorted(depths)])  # the depths run, not log-scale decades
@@ -176,12 +185,11 @@ def plot(data, path):
     keys = sorted(data)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
-        preset, alpha = key
         for depth, by_lr in sorted(data[key].items()):
             lrs = sorted(by_lr)
             ax.plot(lrs, [mean(by_lr[lr]) for lr in lrs], marker="o", label=f"{depth} layers")
         ax.set(xscale="log", xlabel="lr", ylabel="final_eval_loss",
-               title=f"{preset}, " + (f"alpha = {alpha:g}" if alpha else "no depth scaling"))
+               title=f"{key.preset}, {key.scaling()}")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -173,17 +173,18 @@ def test_depth_tables_read_each_cells_own_logs(tmp_path):
     assert "| `pre` | – | 48 / 2.70 → 2.50 |" in text
 
 
-def transfer_cell(directory, rows, depth, lr, alpha, loss, status="ok", seed=1, grad_first=1.0):
+def transfer_cell(directory, rows, depth, lr, alpha, loss, status="ok", seed=1, grad_first=1.0, stack_norms=False):
     """A finished vanilla cell of bench/lr_transfer.py's input: its config.yaml, logs and results.csv row
     (a diverged cell has no final_eval_loss, "")."""
     from configs import load_config, to_yaml
 
     val = 3.0 if loss == "" else loss + 0.1
-    method = f"vanilla+train.lr={lr}" + (f"+model.depth_scaling.alpha={alpha}" if alpha else "")
+    rule = f"model.depth_scaling.stack_norm_rule={stack_norms}"
+    method = f"vanilla+train.lr={lr}" + (f"+model.depth_scaling.alpha={alpha}" if alpha else "") + (f"+{rule}" if stack_norms else "")
     run = directory / f"{method}-L{depth}-s{seed}"
     run.mkdir()
     cfg = load_config(["configs/methods/vanilla.yaml"], [f"model.n_layers={depth}", f"train.lr={lr}",
-                                                        f"model.depth_scaling.alpha={alpha}"])
+                                                        f"model.depth_scaling.alpha={alpha}", rule])
     (run / "config.yaml").write_text(to_yaml(cfg))
     layers = [{"grad_norm": grad_first}] + [{"grad_norm": 1.0}] * (depth - 1)
     (run / "monitors.jsonl").write_text(json.dumps({"step": 300, "layers": layers}) + "\n")
@@ -203,7 +204,7 @@ def write_results(directory, rows):
 
 
 def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
-    """bench/lr_transfer.py: curves by (preset, alpha) from each cell's config.yaml, the unscaled cells
+    """bench/lr_transfer.py: curves by (preset, alpha, stack-norm rule) from each cell's config.yaml, the unscaled cells
     at L_base standing in the scaled curve, the best lr per depth in bold, and the transfer rule (the
     shallow best lr, or one grid step away within 0.02 nats; open while the best lr's grid neighbours
     have not all run)."""
@@ -224,15 +225,18 @@ def test_lr_transfer_tables_read_each_cells_own_config(tmp_path):
         cell(96, lr, 1, loss)
     for lr, loss in ((1e-3, 2.45), (1e-2, 2.44)):  # the shallow best, 3e-3, not run yet
         cell(192, lr, 1, loss)
+    transfer_cell(tmp_path, rows, 192, 3e-3, 1, 2.21, stack_norms=True)  # a curve of its own
     write_results(tmp_path, rows)
     data = curves([tmp_path])
-    assert data["vanilla", 1.0][12] == data["vanilla", 0.0][12]  # at L_base the scaled run is the unscaled one
+    assert data["vanilla", 1.0, False][12] == data["vanilla", 0.0, False][12] == data["vanilla", 1.0, True][12]
+    assert data["vanilla", 1.0, True][192] == {3e-3: [2.21]}  # at L_base the scaled run is the unscaled one
     text = tables(data)
     assert "| 48 | 2.360 | **2.350** | 2.500 | 0.003 | yes |" in text
     assert "| 48 | **2.400** | 3.200 | x | 0.001 | no |" in text
     assert "| 96 | 2.400 | **2.300** | – | 0.003 | open |" in text
     assert "| 192 | 2.450 | – | **2.440** | 0.01 | open |" in text
     assert "| 12 | 2.300 | **2.200** | 2.400 | 0.003 | – |" in text
+    assert "**`vanilla`, depth scaling alpha = 1, stack-norm rule**" in text
 
 
 def test_the_depth_table_keeps_the_shallow_best_lr(tmp_path):
