@@ -55,3 +55,20 @@ def test_step_time_names_a_revision_that_does_not_exist():
     proc = run_cli("bench/step_time.py", "--against", "no-such-revision", check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --against no-such-revision: ")
+
+
+def test_stack_norms_compares_the_same_run_without_and_with_the_rule(tiny_data, tmp_path):
+    """bench/stack_norms.py trains both arms from the same weights and data: at L = L_base, where the
+    stack-norm rule is the identity, every column of the two arms agrees; deeper, the rule slows the
+    stack norms, so their summed gains spread less."""
+    def table(layers):
+        out = tmp_path / f"{layers}.md"
+        run_cli("bench/stack_norms.py", "--layers", str(layers), "--steps", "4", "--every", "2", "--output", str(out),
+                "model.depth_scaling.base_layers=2", f"data.path={tiny_data}", "model.d_model=16",
+                env={"OMP_NUM_THREADS": "1"})
+        rows = [line.strip("| ").split(" | ") for line in out.read_text().splitlines()[4:]]
+        return [[cell.split(" / ") for cell in row[1:]] for row in rows]
+
+    assert all(without == with_rule for row in table(2) for without, with_rule in row)
+    spread = [float(x) for x in table(8)[-1][1]]
+    assert spread[1] < spread[0]
