@@ -311,7 +311,9 @@ def plot(output, rows):
                          ("stable_rank_end", "stable_rank_vs_depth.png"), ("cos_sim_init", "cos_sim_init_vs_depth.png")]:
         if all(r.get(metric) is None for r in rows):
             continue
-        fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits), 3.8), squeeze=False, sharey=True)
+        # one legend entry per method, beside the panels, so that a sweep of many methods still fits
+        fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits) + 4 * (1 + len({r["method"] for r in rows}) // 24), 3.8), squeeze=False, sharey=True,
+                                 layout="constrained")
         for ax, init in zip(axes[0], inits):
             for method in dict.fromkeys(r["method"] for r in rows):
                 by_depth = collections.defaultdict(list)  # several seeds: their mean, and each seed as a dot
@@ -329,8 +331,8 @@ def plot(output, rows):
             depths = sorted({r["depth"] for r in rows if r["init"] == init})
             ax.set_xticks(depths, [str(d) for d in depths], minor=False)
             ax.set_xticks([], minor=True)
-        axes[0][-1].legend(fontsize=8)
-        fig.tight_layout()
+        handles, labels = axes[0][-1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize=6, ncols=1 + len(labels) // 24)
         fig.savefig(output / name, dpi=110)
         plt.close(fig)
 
