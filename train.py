@@ -10,7 +10,6 @@ Everything is written into train.out_dir.
 """
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -51,15 +50,6 @@ def check_fresh_start(cfg):
                           "aside first")
 
 
-def lr_factor(step, cfg):
-    """Linear warmup, then cosine decay to min_lr_ratio at max_steps."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def make_optimizer(model, t):
     from model.optimizer_groups import parameter_groups
 
@@ -86,6 +76,7 @@ def build_engine(cfg, precision, grad_accum, resume, world_size, data_path, meta
     from launch.nonfinite import guard
     from launch.train_step import checkpoint_activations
     from model import Transformer
+    from model.optimizer_groups import lr_factor
 
     t = cfg.train
     ds_config = deepspeed_config(t, precision, grad_accum)

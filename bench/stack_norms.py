@@ -27,11 +27,10 @@ from data.loader import TrainBatches  # noqa: E402
 from data.meta import train_token_counts  # noqa: E402
 from data.resolve import resolve_data  # noqa: E402
 from model import Transformer  # noqa: E402
-from model.optimizer_groups import parameter_groups  # noqa: E402
+from model.optimizer_groups import lr_factor, parameter_groups  # noqa: E402
 from monitors.collapse import measure_layers  # noqa: E402
 from monitors.metrics import collapsed, read_once  # noqa: E402
 from monitors.probe import held_out_tokens  # noqa: E402
-from train import lr_factor  # noqa: E402
 
 
 def stack_norm_state(model):

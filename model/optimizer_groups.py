@@ -37,7 +37,19 @@ stack and the biases add up along one direction, which collapses the stream's ra
 lr x 1/r keeps the composed step what it is at L_base, whatever alpha is.
 """
 
+import math
+
 from model.init import full_shape
+
+
+def lr_factor(step, cfg):
+    """The lr schedule, a factor on every group's lr: linear warmup, then cosine decay to
+    min_lr_ratio at max_steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def stack_norm_parameters(model):
